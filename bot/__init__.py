@@ -1,0 +1,1 @@
+"""PromptPics bot: platform adapters and the command line. Never touches torch."""

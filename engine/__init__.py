@@ -1,0 +1,38 @@
+"""PromptPics engine: the public surface the bot may use. Importing it loads no torch."""
+
+from engine.config import Config, ModelSpec, load_config, with_tiny_models
+from engine.core import Engine, JobHandle, QueueEntry
+from engine.errors import (
+    ConfigError,
+    EngineError,
+    GenerationError,
+    JobCancelledError,
+    ModelLoadError,
+    OutOfMemoryError,
+    QueueFullError,
+    RequestError,
+)
+from engine.jobs import (
+    GenerationParams,
+    JobCancelled,
+    JobEvent,
+    JobFailed,
+    JobFinished,
+    JobProgressed,
+    JobQueued,
+    JobRequest,
+    JobResult,
+    JobStarted,
+    JobStatus,
+    Origin,
+    Requester,
+    Timings,
+)
+
+__all__ = [
+    "Config", "ConfigError", "Engine", "EngineError", "GenerationError", "GenerationParams", "JobCancelled",
+    "JobCancelledError", "JobEvent", "JobFailed", "JobFinished", "JobHandle", "JobProgressed", "JobQueued",
+    "JobRequest", "JobResult", "JobStarted", "JobStatus", "ModelLoadError", "ModelSpec", "Origin",
+    "OutOfMemoryError", "QueueEntry", "QueueFullError", "RequestError", "Requester", "Timings", "load_config",
+    "with_tiny_models",
+]

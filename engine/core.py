@@ -1,0 +1,287 @@
+"""Engine: submit, cancel, status and events; owns the queue, the GPU thread and its runner.
+
+Everything here runs on the asyncio loop and never waits on torch: torch work is handed to
+the ``GpuExecutor`` and awaited as a future; progress comes back with ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.config import Config
+from engine.errors import EngineError, JobCancelledError, QueueFullError
+from engine.executor import GpuExecutor, JobRunner, RunOutput
+from engine.jobs import (
+    FINAL_EVENTS,
+    GenerationParams,
+    JobCancelled,
+    JobEvent,
+    JobFailed,
+    JobFinished,
+    JobProgressed,
+    JobQueued,
+    JobRequest,
+    JobResult,
+    JobStarted,
+    JobStatus,
+    Timings,
+)
+from engine.normalise import clean_prompt, normalise, requested_model
+from engine.pipelines import configure_torch_blocking, resolve_device_blocking, resolve_dtype
+from engine.residency import ResidencyManager, ResidentModel
+from engine.router import DefaultRouter, Router, explicit_choice
+
+log = logging.getLogger(__name__)
+
+_ID_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"  # no 0/o, 1/l: ids are read aloud and typed
+
+
+def new_job_id() -> str:
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(6))
+
+
+@dataclass(slots=True, eq=False)
+class _Job:
+    id: str
+    request: JobRequest
+    params: GenerationParams
+    events: asyncio.Queue[JobEvent]
+    created_at: float = field(default_factory=time.time)
+    queued_mono: float = field(default_factory=time.perf_counter)
+    status: JobStatus = JobStatus.QUEUED
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+class JobHandle:
+    """What ``submit`` returns: the job's id and parameters, its events, a way to cancel it."""
+
+    def __init__(self, engine: Engine, job: _Job, position: int) -> None:
+        self._engine, self._job = engine, job
+        self.id = job.id
+        self.params = job.params
+        self.position = position  # 1 = next to run
+        self._final: JobEvent | None = None
+
+    @property
+    def status(self) -> JobStatus:
+        return self._job.status
+
+    async def events(self) -> AsyncIterator[JobEvent]:
+        """This job's events in order, ending with JobFinished, JobFailed or JobCancelled.
+        Each event is delivered once; after the end, iterating again yields nothing."""
+        while self._final is None:
+            event = await self._job.events.get()
+            if isinstance(event, FINAL_EVENTS):
+                self._final = event
+            yield event
+
+    async def result(self) -> JobResult:
+        """Wait for the image; a failed job raises EngineError, a cancelled one JobCancelledError."""
+        async for _ in self.events():
+            pass
+        match self._final:
+            case JobFinished(result=result):
+                return result
+            case JobFailed(message=message):
+                raise EngineError(message)
+            case _:
+                raise JobCancelledError(self.id)
+
+    async def cancel(self) -> bool:
+        return await self._engine.cancel(self.id)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueEntry:
+    job_id: str
+    position: int  # 0 = running now
+    model_id: str
+    user: str
+    status: JobStatus
+    waited_s: float
+
+
+class Engine:
+    """``async with Engine(config) as engine: handle = await engine.submit(JobRequest(...))``."""
+
+    def __init__(self, config: Config, *, router: Router | None = None,
+                 runner_factory: Callable[[Config, Any, Any], JobRunner] | None = None) -> None:
+        self.config = config
+        self._router = router or DefaultRouter(config)
+        self._runner_factory = runner_factory or (lambda c, device, dtype: JobRunner(c, ResidencyManager(device, dtype)))
+        self._executor = GpuExecutor()
+        self._runner: JobRunner | None = None
+        self._queue: deque[_Job] = deque()
+        self._jobs: dict[str, _Job] = {}
+        self._running: _Job | None = None
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._subscribers: set[asyncio.Queue[JobEvent]] = set()
+        self.device: Any = None
+
+    # -- lifetime --------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Engine:
+        self._executor.start()
+        try:
+            self._runner = await self._executor.submit(self._setup_blocking)
+        except BaseException:
+            await self._executor.stop()
+            raise
+        self._dispatcher = asyncio.create_task(self._dispatch(), name="promptpics-dispatcher")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def _setup_blocking(self) -> JobRunner:
+        device = resolve_device_blocking(self.config.device)
+        configure_torch_blocking(device)
+        self.device = device
+        return self._runner_factory(self.config, device, resolve_dtype(device, self.config.cuda_dtype))
+
+    async def aclose(self) -> None:
+        """Stop taking jobs, interrupt the running one, answer every queued one, free the GPU."""
+        if self._closing:
+            return
+        self._closing = True
+        while self._queue:
+            job = self._queue.popleft()
+            self._finish(job, JobStatus.FAILED, JobFailed(job.id, "EngineStopped", "The bot stopped before your job ran."))
+        if self._running is not None:
+            self._running.cancel.set()
+        self._wakeup.set()
+        if self._dispatcher is not None:
+            await self._dispatcher
+        if self._runner is not None:
+            await self._executor.submit(self._runner.residency.unload_all_blocking)
+        await self._executor.stop()
+
+    # -- the public surface ----------------------------------------------------------------
+
+    async def submit(self, request: JobRequest) -> JobHandle:
+        """Validate, route, queue. Raises RequestError / QueueFullError with a ready sentence."""
+        if self._closing:
+            raise EngineError("The bot is shutting down; please try again in a minute.")
+        prompt = clean_prompt(request.prompt, self.config.limits)
+        explicit = requested_model(request, self.config)
+        decision = explicit_choice(explicit, self.config) if explicit else await self._router.route(prompt)
+        params = normalise(request, self.config.model(decision.model_id), self.config, route_reason=decision.reason)
+        if len(self._queue) >= self.config.limits.max_queued_jobs:
+            raise QueueFullError(self.config.limits.max_queued_jobs)
+        job = _Job(id=self._unique_id(), request=request, params=params, events=asyncio.Queue())
+        self._jobs[job.id] = job
+        self._queue.append(job)
+        position = len(self._queue)
+        log.info("job %s: queued #%d for %s (%s)", job.id, position, params.model_id, decision.reason)
+        self._emit(job, JobQueued(job.id, position, params))
+        self._wakeup.set()
+        return JobHandle(self, job, position)
+
+    async def cancel(self, job_id: str) -> bool:
+        """Queued: removed at once. Running: stopped within one denoising step. Else False."""
+        job = self._jobs.get(job_id)
+        if job is None or job.status.is_final:
+            return False
+        if job.status is JobStatus.QUEUED and job in self._queue:
+            self._queue.remove(job)
+            self._finish(job, JobStatus.CANCELLED, JobCancelled(job.id, while_running=False))
+            return True
+        job.cancel.set()  # the step callback sees it on the GPU thread
+        return True
+
+    def status(self, job_id: str) -> JobStatus | None:
+        job = self._jobs.get(job_id)
+        return job.status if job else None
+
+    def queue_snapshot(self) -> list[QueueEntry]:
+        now = time.perf_counter()
+        jobs = ([self._running] if self._running else []) + list(self._queue)
+        first = 0 if self._running else 1
+        return [
+            QueueEntry(j.id, i + first, j.params.model_id, j.request.requester.display_name or j.request.requester.user_id,
+                       j.status, now - j.queued_mono)
+            for i, j in enumerate(jobs)
+        ]
+
+    def resident_models(self) -> tuple[ResidentModel, ...]:
+        return self._runner.residency.snapshot() if self._runner else ()
+
+    def subscribe(self) -> asyncio.Queue[JobEvent]:
+        """Every job's events (for the delivery side); call ``unsubscribe`` when done."""
+        q: asyncio.Queue[JobEvent] = asyncio.Queue()
+        self._subscribers.add(q)
+        return q
+
+    def unsubscribe(self, q: asyncio.Queue[JobEvent]) -> None:
+        self._subscribers.discard(q)
+
+    # -- the dispatcher: one job at a time on the GPU thread ------------------------------
+
+    async def _dispatch(self) -> None:
+        while True:
+            while not self._queue and not self._closing:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            if self._closing:
+                return
+            job = self._queue.popleft()  # FIFO; the scheduler issue replaces this choice
+            await self._run(job)
+
+    async def _run(self, job: _Job) -> None:
+        assert self._runner is not None
+        job.status, self._running = JobStatus.RUNNING, job
+        started = time.perf_counter()
+        queue_wait = started - job.queued_mono
+        self._emit(job, JobStarted(job.id, job.params.model_id))
+
+        def on_step(step: int, total: int) -> None:  # GPU thread -> loop
+            self._executor.call_soon_threadsafe(self._emit, job, JobProgressed(job.id, step, total))
+
+        try:
+            out: RunOutput = await self._executor.submit(self._runner.run_blocking, job.id, job.params, on_step, job.cancel)
+        except JobCancelledError:
+            log.info("job %s: cancelled while running", job.id)
+            self._finish(job, JobStatus.CANCELLED, JobCancelled(job.id, while_running=True))
+        except EngineError as exc:
+            log.warning("job %s: %s", job.id, exc.user_message, exc_info=exc.__cause__ is not None)
+            self._finish(job, JobStatus.FAILED, JobFailed(job.id, type(exc).__name__, exc.user_message))
+        except Exception:
+            log.exception("job %s: unexpected failure", job.id)
+            message = f"Sorry, something went wrong (job `{job.id}`)."
+            self._finish(job, JobStatus.FAILED, JobFailed(job.id, "GenerationError", message))
+        else:
+            total = time.perf_counter() - job.queued_mono
+            timings = Timings(queue_wait, out.load_s, out.generate_s, total)
+            result = JobResult(job.id, out.png, job.params, out.width, out.height, timings)
+            log.info("job %s: finished in %.2f s (load %.2f, generate %.2f)", job.id, total, out.load_s, out.generate_s)
+            self._finish(job, JobStatus.SUCCEEDED, JobFinished(job.id, result))
+        finally:
+            self._running = None
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _finish(self, job: _Job, status: JobStatus, event: JobEvent) -> None:
+        job.status = status
+        self._jobs.pop(job.id, None)  # a long-running bot must not keep every job in memory
+        self._emit(job, event)
+
+    def _emit(self, job: _Job, event: JobEvent) -> None:
+        job.events.put_nowait(event)
+        for q in self._subscribers:
+            q.put_nowait(event)
+
+    def _unique_id(self) -> str:
+        job_id = new_job_id()
+        while job_id in self._jobs:
+            job_id = new_job_id()
+        return job_id

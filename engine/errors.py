@@ -1,0 +1,77 @@
+"""The engine's exception tree: every error a user can see carries a ready sentence.
+
+    EngineError                      base; ``user_message`` is safe to show in chat
+    ├── ConfigError                  config.toml or environment is wrong (start-up only)
+    ├── RequestError                 a request field breaks a rule (names field, value, rule)
+    ├── QueueFullError               the queue cannot take more jobs
+    ├── JobCancelledError            the job was cancelled by a user or an admin
+    ├── ModelLoadError               a model could not be loaded (missing files, bad folder)
+    ├── OutOfMemoryError             the GPU (or RAM) ran out of memory, even after a retry
+    └── GenerationError              the pipeline failed while generating
+
+Foreign errors (torch, diffusers, OSError) are translated at the seam that calls them
+(``raise ModelLoadError(...) from exc``) so the original traceback stays in the log.
+"""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base class. ``user_message`` never contains a path, a traceback or a token."""
+
+    user_message: str = "Sorry, something went wrong."
+
+    def __init__(self, message: str | None = None) -> None:
+        if message is not None:
+            self.user_message = message
+        super().__init__(self.user_message)
+
+
+class ConfigError(EngineError):
+    """A configuration key has a value that breaks a rule."""
+
+    def __init__(self, key: str, value: object, rule: str) -> None:
+        self.key, self.value, self.rule = key, value, rule
+        super().__init__(f"config: `{key}` is {value!r}, but {rule}")
+
+
+class RequestError(EngineError):
+    """A request field has a value that breaks a rule."""
+
+    def __init__(self, field: str, value: object, rule: str) -> None:
+        self.field, self.value, self.rule = field, value, rule
+        shown = value if not isinstance(value, str) or len(value) <= 40 else value[:37] + "..."
+        super().__init__(f"`{field}` is {shown!r}, but {rule}")
+
+
+class QueueFullError(EngineError):
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(f"The queue is full ({limit} jobs waiting); please try again in a few minutes.")
+
+
+class JobCancelledError(EngineError):
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"Job `{job_id}` was cancelled.")
+
+
+class ModelLoadError(EngineError):
+    def __init__(self, model_id: str, reason: str) -> None:
+        self.model_id, self.reason = model_id, reason
+        super().__init__(f"Model `{model_id}` could not be loaded: {reason}")
+
+
+class OutOfMemoryError(EngineError):
+    def __init__(self, model_id: str, phase: str) -> None:
+        self.model_id, self.phase = model_id, phase
+        super().__init__(
+            f"The GPU ran out of memory while {phase} `{model_id}`, even after freeing other models; "
+            "try a smaller image or fewer jobs at once."
+        )
+
+
+class GenerationError(EngineError):
+    def __init__(self, model_id: str, job_id: str) -> None:
+        self.model_id, self.job_id = model_id, job_id
+        super().__init__(f"Sorry, something went wrong while generating (job `{job_id}`).")

@@ -1,0 +1,134 @@
+"""Plain data that crosses the bot/engine boundary: requests, jobs, events and results."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class JobStatus(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+@dataclass(frozen=True, slots=True)
+class Requester:
+    """Who asked: plain strings, never a platform object."""
+
+    platform: str = "cli"
+    user_id: str = "local"
+    display_name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where the answer goes: plain references the delivery side can resolve again."""
+
+    platform: str = "cli"
+    channel_id: str = ""
+    thread_id: str = ""
+    message_ref: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class JobRequest:
+    """What a user asked for, before validation. ``None`` means "use the default"."""
+
+    prompt: str
+    model: str | None = None  # None or "auto": the engine chooses
+    negative_prompt: str | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+    requester: Requester = field(default_factory=Requester)
+    origin: Origin = field(default_factory=Origin)
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationParams:
+    """A validated, normalised request: exactly what the pipeline will be asked to do."""
+
+    prompt: str
+    negative_prompt: str
+    model_id: str
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    seed: int
+    route_reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    queue_wait_s: float = 0.0
+    load_s: float = 0.0
+    generate_s: float = 0.0
+    total_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class JobResult:
+    """A finished image: PNG bytes with the parameters embedded, plus what produced it."""
+
+    job_id: str
+    png: bytes
+    params: GenerationParams
+    width: int
+    height: int
+    timings: Timings
+
+
+# Events: past tense, one job each, delivered in order on the asyncio loop.
+
+
+@dataclass(frozen=True, slots=True)
+class JobQueued:
+    job_id: str
+    position: int  # 1 = next to run
+    params: GenerationParams
+
+
+@dataclass(frozen=True, slots=True)
+class JobStarted:
+    job_id: str
+    model_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class JobProgressed:
+    job_id: str
+    step: int  # 1-based
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
+class JobFinished:
+    job_id: str
+    result: JobResult
+
+
+@dataclass(frozen=True, slots=True)
+class JobFailed:
+    job_id: str
+    error_kind: str  # the EngineError class name
+    message: str  # safe to show a user
+
+
+@dataclass(frozen=True, slots=True)
+class JobCancelled:
+    job_id: str
+    while_running: bool
+
+
+JobEvent = JobQueued | JobStarted | JobProgressed | JobFinished | JobFailed | JobCancelled
+FINAL_EVENTS = (JobFinished, JobFailed, JobCancelled)

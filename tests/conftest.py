@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny twins built once per test session, configs pointing at them."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.config import Config, parse_config, with_tiny_models
+
+REPO = Path(__file__).resolve().parents[1]
+# Nothing may reach a model hub in tests: fail fast instead of hanging on a download.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def repo_config_raw() -> dict[str, Any]:
+    return tomllib.loads((REPO / "config.toml").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from engine.tiny import ensure_tiny_models
+
+    cache = os.environ.get("PROMPTPICS_TEST_TINY_CACHE")  # reuse across local runs if set
+    return ensure_tiny_models(Path(cache) if cache else tmp_path_factory.mktemp("tiny-models"))
+
+
+def make_tiny_config(tiny_models: Any, data_dir: Path, **limits: Any) -> Config:
+    raw = repo_config_raw()
+    raw["engine"].update(device="cpu", data_dir=str(data_dir))
+    raw["limits"].update({"min_image_side": 64, **limits})
+    return with_tiny_models(parse_config(raw, {}, base_dir=REPO), tiny_models)
+
+
+@pytest.fixture
+def tiny_config(tiny_models: Any, tmp_path: Path) -> Config:
+    return make_tiny_config(tiny_models, tmp_path / "data")

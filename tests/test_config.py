@@ -1,0 +1,103 @@
+"""config.toml parsing: defaults, environment overrides, and errors that name key, value, rule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.config import load_config, parse_config
+from engine.errors import ConfigError
+from tests.conftest import REPO, repo_config_raw
+
+
+def parse(raw: dict[str, Any], env: dict[str, str] | None = None):
+    return parse_config(raw, env or {}, base_dir=REPO)
+
+
+def test_repo_config_has_the_four_models_with_design_defaults() -> None:
+    config = load_config(REPO / "config.toml", env={})
+    assert list(config.models) == ["flux_dev", "realvis_xl", "sd3_medium", "logo_sdxl"]
+    assert [(m.steps, m.guidance) for m in config.models.values()] == [(24, 4.5), (24, 5.0), (30, 6.0), (20, 4.0)]
+    hidream = config.model("logo_sdxl")
+    assert hidream.family == "hidream" and hidream.exclusive and hidream.offload == "sequential"
+    assert hidream.text_encoder_source == "meta-llama/Meta-Llama-3.1-8B-Instruct"
+    assert config.limits.max_image_side == 768
+    assert config.router_llm_id == config.rewrite_llm_id == "Qwen/Qwen2.5-1.5B-Instruct"
+    assert config.data_dir == REPO / "data"
+
+
+def test_environment_overrides_win_over_the_file() -> None:
+    env = {"MAX_IMAGE_SIDE": "512", "ROUTER_LLM_ID": "org/router", "REWRITE_LLM_ID": "org/rewriter",
+           "LOGO_SDXL_MODEL_ID": "org/logo", "PROMPTPICS_PROFILE": "tiny", "PROMPTPICS_DATA_DIR": "/tmp/pp"}
+    config = parse(repo_config_raw(), env)
+    assert config.limits.max_image_side == 512
+    assert (config.router_llm_id, config.rewrite_llm_id) == ("org/router", "org/rewriter")
+    assert config.model("logo_sdxl").source == "org/logo"
+    assert config.profile == "tiny" and config.data_dir == Path("/tmp/pp")
+
+
+def test_config_file_is_chosen_by_env_variable(tmp_path: Path) -> None:
+    raw = (REPO / "config.toml").read_text(encoding="utf-8").replace('default_model = "flux_dev"', 'default_model = "sd3_medium"')
+    other = tmp_path / "other.toml"
+    other.write_text(raw, encoding="utf-8")
+    config = load_config(env={"PROMPTPICS_CONFIG": str(other)})
+    assert config.default_model == "sd3_medium"
+    assert config.data_dir == tmp_path / "data"  # relative to the file that said it
+
+
+def test_missing_config_file_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"PROMPTPICS_CONFIG.*nope\.toml.*no such file"):
+        load_config(env={"PROMPTPICS_CONFIG": str(tmp_path / "nope.toml")})
+
+
+def test_invalid_toml_is_reported_with_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[engine\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="valid TOML"):
+        load_config(bad, env={})
+
+
+@pytest.mark.parametrize(
+    ("mutate", "key", "value", "rule"),
+    [
+        (lambda r: r["limits"].update(max_image_side="big"), "limits.max_image_side", "'big'", "whole number"),
+        (lambda r: r["limits"].update(max_image_side=32), "limits.max_image_side", "32", "at least 64"),
+        (lambda r: r["limits"].update(min_steps=60), "limits.min_steps", "60", "must not exceed limits.max_steps"),
+        (lambda r: r["engine"].update(device="tpu"), "engine.device", "'tpu'", "'auto', 'cpu', 'cuda'"),
+        (lambda r: r["engine"].update(cuda_dtype="float8"), "engine.cuda_dtype", "'float8'", "'bfloat16', 'float16'"),
+        (lambda r: r["engine"].update(default_model="dalle"), "engine.default_model", "'dalle'", "one of the models"),
+        (lambda r: r["engine"].update(colour="red"), "engine.colour", "'red'", "not a known key"),
+        (lambda r: r["models"]["flux_dev"].update(family="gan"), "models.flux_dev.family", "'gan'", "'flux', 'sdxl'"),
+        (lambda r: r["models"]["flux_dev"].update(offload="always"), "models.flux_dev.offload", "'always'", "'none', 'model'"),
+        (lambda r: r["models"]["flux_dev"].update(steps=500), "models.flux_dev.steps", "500", "limits.min_steps..limits.max_steps"),
+        (lambda r: r["models"]["flux_dev"].update(steps_range=[28]), "models.flux_dev.steps_range", "[28]", "two whole numbers"),
+        (lambda r: r["models"]["flux_dev"].update(guidance_range=[6.0, 4.0]), "models.flux_dev.guidance_range", "[6.0, 4.0]", "low <= high"),
+        (lambda r: r["models"]["flux_dev"].pop("source"), "models.flux_dev.source", "None", "required"),
+        (lambda r: r["models"]["logo_sdxl"].pop("text_encoder_source"), "models.logo_sdxl.text_encoder_source", "None", "Llama"),
+        (lambda r: r["models"]["realvis_xl"].update(emoji="🎨"), "models.*.emoji", "", "its own reaction emoji"),
+        (lambda r: r["models"]["realvis_xl"].update(exclusive="yes"), "models.realvis_xl.exclusive", "'yes'", "true or false"),
+    ],
+)
+def test_bad_config_names_key_value_and_rule(mutate: Any, key: str, value: str, rule: str) -> None:
+    raw = repo_config_raw()
+    mutate(raw)
+    with pytest.raises(ConfigError) as info:
+        parse(raw)
+    message = info.value.user_message
+    assert message.startswith(f"config: `{key}` is ")
+    assert value in message and rule in message
+
+
+def test_bad_environment_value_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match=r"`MAX_IMAGE_SIDE` is 'huge'.*whole number"):
+        parse(repo_config_raw(), {"MAX_IMAGE_SIDE": "huge"})
+
+
+def test_local_folder_sources_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    raw = repo_config_raw()
+    raw["models"]["flux_dev"]["source"] = "./weights/flux"
+    config = parse_config(raw, {}, base_dir=tmp_path)
+    assert config.model("flux_dev").source == str(tmp_path / "weights" / "flux")
+    assert config.model("realvis_xl").source == "SG161222/RealVisXL_V4.0"  # hub ids untouched
