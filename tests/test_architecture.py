@@ -1,0 +1,46 @@
+"""House rules that code review keeps missing: checked by reading the source."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+FORBIDDEN_IN_ENGINE = {"bot", "discord", "slack_bolt", "slack_sdk"}
+TORCH_WORLD = {"torch", "diffusers", "transformers", "accelerate"}
+
+
+def imported_roots(path: Path) -> set[str]:
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            roots |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+def test_engine_never_imports_the_bot_or_a_chat_platform() -> None:
+    offenders = {str(p.relative_to(REPO)): imported_roots(p) & FORBIDDEN_IN_ENGINE for p in (REPO / "engine").rglob("*.py")}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_bot_never_imports_torch_or_diffusers() -> None:
+    offenders = {str(p.relative_to(REPO)): imported_roots(p) & TORCH_WORLD for p in (REPO / "bot").rglob("*.py")}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_only_pipelines_and_tiny_import_diffusers() -> None:
+    users = sorted(p.name for p in (REPO / "engine").rglob("*.py") if "diffusers" in imported_roots(p))
+    assert users == ["pipelines.py", "tiny.py"]
+
+
+def test_importing_the_engine_and_the_cli_loads_no_torch() -> None:
+    # Nothing runs at import time: the bot must start answering before torch is even imported.
+    code = "import sys, engine, bot.__main__; print(sorted(m for m in sys.modules if m.split('.')[0] in %r))" % TORCH_WORLD
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -1,0 +1,87 @@
+"""The `promptpics` command as a user runs it: a real subprocess on the tiny profile."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from engine.images import read_png_metadata
+from tests.conftest import REPO
+
+
+@pytest.fixture
+def cli_env(tiny_models: Any, tmp_path: Path) -> dict[str, str]:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "tiny-models").symlink_to(tiny_models.root.parent)  # reuse the session's twins
+    return {**os.environ, "PROMPTPICS_DATA_DIR": str(data), "HF_HUB_OFFLINE": "1"}
+
+
+def promptpics(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bot", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=240)
+
+
+def test_imagine_writes_a_capped_png_with_metadata_and_is_reproducible(cli_env: dict[str, str], tmp_path: Path) -> None:
+    outputs = []
+    for name in ("x.png", "y.png"):
+        out = tmp_path / name
+        done = promptpics(cli_env, "--profile", "tiny", "imagine", "a lighthouse at dusk", "--model", "logo_sdxl",
+                          "--width", "2000", "--seed", "7", "--steps", "2", "--out", str(out))
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == str(out)
+        outputs.append(out.read_bytes())
+    assert hashlib.sha256(outputs[0]).digest() == hashlib.sha256(outputs[1]).digest()
+    image = Image.open(tmp_path / "x.png")
+    assert max(image.size) <= 768 and image.size == (768, 768)
+    meta = read_png_metadata(outputs[0])
+    assert (meta["prompt"], meta["model"], meta["seed"]) == ("a lighthouse at dusk", "logo_sdxl", 7)
+
+
+def test_imagine_without_out_writes_under_the_data_folder(cli_env: dict[str, str]) -> None:
+    done = promptpics(cli_env, "--profile", "tiny", "imagine", "a fox", "--steps", "1", "--width", "256", "--height", "256")
+    assert done.returncode == 0, done.stderr
+    written = Path(done.stdout.strip())
+    assert written.parent == Path(cli_env["PROMPTPICS_DATA_DIR"]) / "outputs" and written.is_file()
+    assert "1/1 steps" in done.stderr  # progress was shown
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--steps", "500"], "`steps` is 500, but it must be a whole number from 1 to 50"),
+        (["--model", "dalle"], "`model` is 'dalle', but it must be 'auto' or one of"),
+        (["--width", "10"], "`width` is 10, but it must be at least 256 pixels"),
+    ],
+)
+def test_bad_input_prints_one_clear_line_and_exits_non_zero(cli_env: dict[str, str], args: list[str], message: str) -> None:
+    done = promptpics(cli_env, "--profile", "tiny", "imagine", "a fox", *args)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith(f"promptpics: {message}")
+    assert "Traceback" not in done.stderr
+
+
+def test_bad_config_stops_with_the_key_value_and_rule(cli_env: dict[str, str], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text((REPO / "config.toml").read_text(encoding="utf-8").replace('device = "auto"', 'device = "tpu"'), encoding="utf-8")
+    done = promptpics({**cli_env, "PROMPTPICS_CONFIG": str(bad)}, "models")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "`engine.device` is 'tpu', but it must be one of 'auto', 'cpu', 'cuda' or 'cuda:N'" in done.stderr
+
+
+def test_models_json_lists_every_model_with_its_settings(cli_env: dict[str, str]) -> None:
+    done = promptpics(cli_env, "models", "--json")
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    assert [r["id"] for r in rows] == ["flux_dev", "realvis_xl", "sd3_medium", "logo_sdxl"]
+    logo = rows[3]
+    assert logo["display_name"].startswith("HiDream-I1") and logo["exclusive"] is True and logo["loaded"] is False
+    assert logo["weights"] in ("downloaded", "not downloaded")
