@@ -63,8 +63,15 @@ def resolve_dtype(device: Any, cuda_dtype: str) -> Any:
 
 
 def configure_torch_blocking(device: Any) -> None:
-    """Switch TF32 on for matmul and cuDNN when CUDA is present (free speed on Ampere+)."""
+    """Switch TF32 on for matmul and cuDNN when CUDA is present (free speed on Ampere+), and
+    keep the libraries' loading bars out of a quiet run (hub download bars stay)."""
     import torch
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    if not log.isEnabledFor(logging.INFO):
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
 
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -32,7 +32,7 @@ class DefaultRouter:
 
     async def route(self, prompt: str) -> RouteDecision:
         model = self._config.model(self._config.default_model)
-        return RouteDecision(model.id, f"default model ({model.display_name})", 0.0, "default")
+        return RouteDecision(model.id, "the default model", 0.0, "default")
 
 
 def explicit_choice(model_id: str, config: Config) -> RouteDecision:
