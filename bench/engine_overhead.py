@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import platform
 import statistics
 import subprocess
@@ -23,6 +24,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def import_seconds(module: str) -> float:
@@ -45,6 +49,11 @@ def load_times(config) -> dict[str, tuple[float, float]]:
     """(first load in this process, second load) per model: the first pays lazy imports."""
     from engine.pipelines import load_pipeline_blocking, release_blocking, resolve_device_blocking, resolve_dtype
 
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     device = resolve_device_blocking(config.device)
     dtype = resolve_dtype(device, config.cuda_dtype)
     out = {}
@@ -58,36 +67,31 @@ def load_times(config) -> dict[str, tuple[float, float]]:
     return out
 
 
-def direct_runs(config, model_id: str, jobs: int, steps: int, size: int) -> list[float]:
+async def paired_runs(config, model_id: str, jobs: int, steps: int, size: int) -> tuple[list[float], list[float]]:
+    """Alternate a direct pipeline call and an engine job, round by round, so drift in the
+    machine's speed (other processes, thermal) hits both paths alike."""
+    from engine import Engine, JobRequest
     from engine.images import encode_png
-    from engine.jobs import GenerationParams
     from engine.pipelines import generate_blocking, load_pipeline_blocking, resolve_device_blocking, resolve_dtype
 
     device = resolve_device_blocking(config.device)
     loaded = load_pipeline_blocking(config.model(model_id), device, resolve_dtype(device, config.cuda_dtype))
-    params = GenerationParams("a lighthouse at dusk", "", model_id, steps, 4.5, size, size, 7)
-    runs = []
-    for i in range(jobs + 1):
-        started = time.perf_counter()
-        image = generate_blocking(loaded, params, on_step=lambda s, t: None, cancel=threading.Event())
-        encode_png(image, params)
-        if i:  # the first run warms caches
-            runs.append(time.perf_counter() - started)
-    return runs
-
-
-async def engine_runs(config, model_id: str, jobs: int, steps: int, size: int) -> list[float]:
-    from engine import Engine, JobRequest
-
     request = JobRequest("a lighthouse at dusk", model=model_id, steps=steps, width=size, height=size, seed=7)
-    runs = []
+    direct, through_engine = [], []
     async with Engine(config) as engine:
         for i in range(jobs + 1):
+            handle = await engine.submit(request)
             started = time.perf_counter()
-            await (await engine.submit(request)).result()
-            if i:
-                runs.append(time.perf_counter() - started)
-    return runs
+            await handle.result()
+            engine_s = time.perf_counter() - started
+            started = time.perf_counter()
+            image = generate_blocking(loaded, handle.params, on_step=lambda s, t: None, cancel=threading.Event())
+            encode_png(image, handle.params)
+            direct_s = time.perf_counter() - started
+            if i:  # round 0 warms caches and loads the engine's copy
+                direct.append(direct_s)
+                through_engine.append(engine_s)
+    return direct, through_engine
 
 
 def main() -> None:
@@ -109,13 +113,12 @@ def main() -> None:
     for model_id, (first, second) in load_times(config).items():
         print(f"| {model_id} ({config.model(model_id).family}) | {first:.2f} | {second:.2f} |")
 
-    direct = direct_runs(config, args.model, args.jobs, args.steps, args.size)
-    through_engine = asyncio.run(engine_runs(config, args.model, args.jobs, args.steps, args.size))
+    direct, through_engine = asyncio.run(paired_runs(config, args.model, args.jobs, args.steps, args.size))
     d, e = statistics.median(direct), statistics.median(through_engine)
     print(f"\nper-job overhead, {args.model}, {args.steps} steps, {args.size}x{args.size}, {args.jobs} jobs, resident model")
     print("| path | median (ms) | min (ms) |\n|---|---|---|")
     print(f"| diffusers pipeline called directly (+ PNG encode) | {d * 1000:.1f} | {min(direct) * 1000:.1f} |")
-    print(f"| through Engine.submit -> result | {e * 1000:.1f} | {min(through_engine) * 1000:.1f} |")
+    print(f"| through Engine (submit, queue, GPU thread, events, result) | {e * 1000:.1f} | {min(through_engine) * 1000:.1f} |")
     print(f"| overhead | {(e - d) * 1000:.1f} | |")
 
 
