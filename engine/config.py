@@ -55,6 +55,12 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class HistorySettings:
+    keep_images_days: int = 0  # 0: keep every image; else prune older ones at start-up
+    busy_timeout_s: float = 5.0  # how long to wait for a database another process holds
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     models: dict[str, ModelSpec]  # in config order
     limits: Limits
@@ -67,6 +73,7 @@ class Config:
     default_guidance: float = 4.5
     router_llm_id: str = "Qwen/Qwen2.5-1.5B-Instruct"
     rewrite_llm_id: str = "Qwen/Qwen2.5-1.5B-Instruct"
+    history: HistorySettings = HistorySettings()
     source_file: Path | None = None
 
     @property
@@ -120,11 +127,11 @@ def parse_config(
     profile: str | None = None,
     source_file: Path | None = None,
 ) -> Config:
-    _no_unknown_keys(raw, "", {"engine", "limits", "llm", "models"})
+    _no_unknown_keys(raw, "", {"engine", "limits", "llm", "models", "history"})
     engine = _table(raw, "engine")
     limits_raw = dict(_table(raw, "limits"))
     llm = _table(raw, "llm")
-    _no_unknown_keys(engine, "engine.", {f.name for f in dataclasses.fields(Config)} - {"models", "limits", "router_llm_id", "rewrite_llm_id", "source_file"})
+    _no_unknown_keys(engine, "engine.", {f.name for f in dataclasses.fields(Config)} - {"models", "limits", "router_llm_id", "rewrite_llm_id", "history", "source_file"})
     _no_unknown_keys(limits_raw, "limits.", {f.name for f in dataclasses.fields(Limits)})
     _no_unknown_keys(llm, "llm.", {"router_llm_id", "rewrite_llm_id"})
 
@@ -152,6 +159,7 @@ def parse_config(
         default_guidance=_float(engine, "default_guidance", "engine.", 4.5),
         router_llm_id=env.get("ROUTER_LLM_ID") or _str(llm, "router_llm_id", "llm.", Config.router_llm_id),
         rewrite_llm_id=env.get("REWRITE_LLM_ID") or _str(llm, "rewrite_llm_id", "llm.", Config.rewrite_llm_id),
+        history=_parse_history(_table(raw, "history")),
         source_file=source_file,
     )
     _validate(config)
@@ -177,6 +185,18 @@ def _parse_limits(raw: Mapping[str, Any]) -> Limits:
         if getattr(limits, low) > getattr(limits, high):
             raise ConfigError(f"limits.{low}", getattr(limits, low), f"it must not exceed limits.{high} ({getattr(limits, high)})")
     return limits
+
+
+def _parse_history(raw: Mapping[str, Any]) -> HistorySettings:
+    _no_unknown_keys(raw, "history.", {f.name for f in dataclasses.fields(HistorySettings)})
+    settings = HistorySettings(
+        keep_images_days=_int(raw, "keep_images_days", "history.", 0),
+        busy_timeout_s=_float(raw, "busy_timeout_s", "history.", 5.0),
+    )
+    _at_least("history.keep_images_days", settings.keep_images_days, 0)
+    if settings.busy_timeout_s <= 0:
+        raise ConfigError("history.busy_timeout_s", settings.busy_timeout_s, "it must be more than 0 seconds")
+    return settings
 
 
 _MODEL_KEYS = {f.name for f in dataclasses.fields(ModelSpec)} - {"id"}

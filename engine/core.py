@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import threading
 import time
 from collections import deque
@@ -19,6 +18,7 @@ from typing import Any
 from engine.config import Config
 from engine.errors import EngineError, JobCancelledError, QueueFullError
 from engine.executor import GpuExecutor, JobRunner, RunOutput
+from engine.history import HistoryStore, StorageError, StoredJob
 from engine.jobs import (
     FINAL_EVENTS,
     GenerationParams,
@@ -41,11 +41,7 @@ from engine.router import DefaultRouter, Router, explicit_choice
 
 log = logging.getLogger(__name__)
 
-_ID_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"  # no 0/o, 1/l: ids are read aloud and typed
-
-
-def new_job_id() -> str:
-    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(6))
+STOPPED_MESSAGE = "The bot stopped before your job finished; it is kept and will run when the bot is back."
 
 
 @dataclass(slots=True, eq=False)
@@ -58,6 +54,7 @@ class _Job:
     queued_mono: float = field(default_factory=time.perf_counter)
     status: JobStatus = JobStatus.QUEUED
     cancel: threading.Event = field(default_factory=threading.Event)
+    cancelled_by_user: bool = False  # else a set cancel flag means "the engine is stopping"
 
 
 class JobHandle:
@@ -112,9 +109,12 @@ class QueueEntry:
 class Engine:
     """``async with Engine(config) as engine: handle = await engine.submit(JobRequest(...))``."""
 
-    def __init__(self, config: Config, *, router: Router | None = None,
+    def __init__(self, config: Config, *, history: HistoryStore | None = None, router: Router | None = None,
                  runner_factory: Callable[[Config, Any, Any], JobRunner] | None = None) -> None:
         self.config = config
+        self._history = history  # None: the engine opens (and closes) the one in config.data_dir
+        self._owns_history = history is None
+        self.resumed: list[JobHandle] = []  # jobs taken back from the history at start
         self._router = router or DefaultRouter(config)
         self._runner_factory = runner_factory or (lambda c, device, dtype: JobRunner(c, ResidencyManager(device, dtype)))
         self._executor = GpuExecutor()
@@ -131,14 +131,26 @@ class Engine:
     # -- lifetime --------------------------------------------------------------------------
 
     async def __aenter__(self) -> Engine:
+        if self._history is None:
+            self._history = await HistoryStore.open(self.config.data_dir,
+                                                    busy_timeout_s=self.config.history.busy_timeout_s)
         self._executor.start()
         try:
             self._runner = await self._executor.submit(self._setup_blocking)
+            await self._take_back_unfinished()
+            if self.config.history.keep_images_days:
+                await self.history.prune_images(self.config.history.keep_images_days)
         except BaseException:
             await self._executor.stop()
+            await self._close_history()
             raise
         self._dispatcher = asyncio.create_task(self._dispatch(), name="promptpics-dispatcher")
         return self
+
+    @property
+    def history(self) -> HistoryStore:
+        assert self._history is not None, "enter the engine first (async with Engine(...))"
+        return self._history
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
@@ -150,13 +162,14 @@ class Engine:
         return self._runner_factory(self.config, device, resolve_dtype(device, self.config.cuda_dtype))
 
     async def aclose(self) -> None:
-        """Stop taking jobs, interrupt the running one, answer every queued one, free the GPU."""
+        """Stop taking jobs and interrupt the running one. Queued and interrupted jobs stay in
+        the history and run after the next start; their handles here get EngineStopped."""
         if self._closing:
             return
         self._closing = True
         while self._queue:
             job = self._queue.popleft()
-            self._finish(job, JobStatus.FAILED, JobFailed(job.id, "EngineStopped", "The bot stopped before your job ran."))
+            self._emit_final(job, JobFailed(job.id, "EngineStopped", STOPPED_MESSAGE))
         if self._running is not None:
             self._running.cancel.set()
         self._wakeup.set()
@@ -165,6 +178,38 @@ class Engine:
         if self._runner is not None:
             await self._executor.submit(self._runner.residency.unload_all_blocking)
         await self._executor.stop()
+        await self._close_history()
+
+    async def _close_history(self) -> None:
+        if self._owns_history and self._history is not None:
+            await self._history.close()
+
+    async def _take_back_unfinished(self) -> None:
+        """Jobs that were queued or running when the last process died run again, in their
+        original order (a running one restarts from scratch as a new attempt)."""
+        for stored in await self.history.requeue_interrupted():
+            if stored.params.model_id not in self.config.models:
+                message = f"Model `{stored.params.model_id}` is no longer configured, so this job cannot run."
+                await self.history.record_failed(stored.id, error_kind="ModelLoadError", error_message=message,
+                                                 timings=stored.timings, finished_at=time.time())
+                continue
+            job = self._job_from_history(stored)
+            self._jobs[job.id] = job
+            self._queue.append(job)
+            self.resumed.append(JobHandle(self, job, len(self._queue)))
+            self._emit(job, JobQueued(job.id, len(self._queue), job.params, resumed=True))
+        if self.resumed:
+            log.info("took back %d unfinished job(s) from the history", len(self.resumed))
+
+    @staticmethod
+    def _job_from_history(stored: StoredJob) -> _Job:
+        p = stored.params
+        request = JobRequest(prompt=p.prompt, model=stored.model_asked, negative_prompt=p.negative_prompt,
+                             steps=p.steps, guidance=p.guidance, width=p.width, height=p.height, seed=p.seed,
+                             requester=stored.requester, origin=stored.origin)
+        waited = max(0.0, time.time() - stored.created_at)
+        return _Job(id=stored.id, request=request, params=p, events=asyncio.Queue(), created_at=stored.created_at,
+                    queued_mono=time.perf_counter() - waited)
 
     # -- the public surface ----------------------------------------------------------------
 
@@ -178,7 +223,11 @@ class Engine:
         params = normalise(request, self.config.model(decision.model_id), self.config, route_reason=decision.reason)
         if len(self._queue) >= self.config.limits.max_queued_jobs:
             raise QueueFullError(self.config.limits.max_queued_jobs)
-        job = _Job(id=self._unique_id(), request=request, params=params, events=asyncio.Queue())
+        created = time.time()
+        # Recorded before it is acknowledged: once submit returns, a crash cannot lose the job.
+        stored = await self.history.record_queued(requester=request.requester, origin=request.origin,
+                                                  model_asked=explicit, params=params, created_at=created)
+        job = _Job(id=stored.id, request=request, params=params, events=asyncio.Queue(), created_at=created)
         self._jobs[job.id] = job
         self._queue.append(job)
         position = len(self._queue)
@@ -194,8 +243,9 @@ class Engine:
             return False
         if job.status is JobStatus.QUEUED and job in self._queue:
             self._queue.remove(job)
-            self._finish(job, JobStatus.CANCELLED, JobCancelled(job.id, while_running=False))
+            await self._finish(job, JobStatus.CANCELLED, JobCancelled(job.id, while_running=False))
             return True
+        job.cancelled_by_user = True
         job.cancel.set()  # the step callback sees it on the GPU thread
         return True
 
@@ -235,43 +285,77 @@ class Engine:
             if self._closing:
                 return
             job = self._queue.popleft()  # FIFO; the scheduler issue replaces this choice
-            await self._run(job)
+            try:
+                await self._run(job)
+            except Exception:  # the history itself failed: answer the job, keep the dispatcher
+                log.exception("job %s: could not be recorded", job.id)
+                self._emit_final(job, JobFailed(job.id, "HistoryError", f"Sorry, something went wrong (job `{job.id}`)."))
+            finally:
+                self._running = None
 
     async def _run(self, job: _Job) -> None:
         assert self._runner is not None
         job.status, self._running = JobStatus.RUNNING, job
         started = time.perf_counter()
         queue_wait = started - job.queued_mono
+        await self.history.record_started(job.id, started_at=time.time(), model_id=job.params.model_id,
+                                          prompt_used=job.params.prompt)
         self._emit(job, JobStarted(job.id, job.params.model_id))
 
         def on_step(step: int, total: int) -> None:  # GPU thread -> loop
             self._executor.call_soon_threadsafe(self._emit, job, JobProgressed(job.id, step, total))
 
+        def timings(out: RunOutput | None = None) -> Timings:
+            return Timings(queue_wait, out.load_s if out else 0.0, out.generate_s if out else 0.0,
+                           time.perf_counter() - job.queued_mono)
+
         try:
             out: RunOutput = await self._executor.submit(self._runner.run_blocking, job.id, job.params, on_step, job.cancel)
         except JobCancelledError:
+            if not job.cancelled_by_user:  # the engine is stopping: stays RUNNING, taken back at start
+                log.info("job %s: interrupted by shutdown; kept for the next start", job.id)
+                self._emit_final(job, JobFailed(job.id, "EngineStopped", STOPPED_MESSAGE))
+                return
             log.info("job %s: cancelled while running", job.id)
-            self._finish(job, JobStatus.CANCELLED, JobCancelled(job.id, while_running=True))
+            await self._finish(job, JobStatus.CANCELLED, JobCancelled(job.id, while_running=True), timings())
         except EngineError as exc:
             log.warning("job %s: %s", job.id, exc.user_message, exc_info=exc.__cause__ is not None)
-            self._finish(job, JobStatus.FAILED, JobFailed(job.id, type(exc).__name__, exc.user_message))
+            await self._finish(job, JobStatus.FAILED, JobFailed(job.id, type(exc).__name__, exc.user_message), timings())
         except Exception:
             log.exception("job %s: unexpected failure", job.id)
             message = f"Sorry, something went wrong (job `{job.id}`)."
-            self._finish(job, JobStatus.FAILED, JobFailed(job.id, "GenerationError", message))
+            await self._finish(job, JobStatus.FAILED, JobFailed(job.id, "GenerationError", message), timings())
         else:
-            total = time.perf_counter() - job.queued_mono
-            timings = Timings(queue_wait, out.load_s, out.generate_s, total)
-            result = JobResult(job.id, out.png, job.params, out.width, out.height, timings)
-            log.info("job %s: finished in %.2f s (load %.2f, generate %.2f)", job.id, total, out.load_s, out.generate_s)
-            self._finish(job, JobStatus.SUCCEEDED, JobFinished(job.id, result))
-        finally:
-            self._running = None
+            await self._succeed(job, out, timings(out))
+
+    async def _succeed(self, job: _Job, out: RunOutput, timings: Timings) -> None:
+        try:
+            path = await self.history.record_succeeded(job.id, png=out.png, timings=timings, finished_at=time.time())
+        except StorageError as exc:  # disk full: this job fails, the bot stays up
+            log.error("job %s: %s", job.id, exc)
+            await self._finish(job, JobStatus.FAILED, JobFailed(job.id, "StorageError", exc.user_message), timings)
+            return
+        result = JobResult(job.id, out.png, job.params, out.width, out.height, timings, str(path))
+        log.info("job %s: finished in %.2f s (load %.2f, generate %.2f)", job.id, timings.total_s, timings.load_s,
+                 timings.generate_s)
+        job.status = JobStatus.SUCCEEDED
+        self._emit_final(job, JobFinished(job.id, result))
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _finish(self, job: _Job, status: JobStatus, event: JobEvent) -> None:
+    async def _finish(self, job: _Job, status: JobStatus, event: JobEvent, timings: Timings | None = None) -> None:
+        """Record a FAILED or CANCELLED outcome, then tell the listeners."""
         job.status = status
+        now = time.time()
+        if status is JobStatus.CANCELLED:
+            await self.history.record_cancelled(job.id, finished_at=now, timings=timings)
+        else:
+            assert isinstance(event, JobFailed)
+            await self.history.record_failed(job.id, error_kind=event.error_kind, error_message=event.message,
+                                             timings=timings or Timings(), finished_at=now)
+        self._emit_final(job, event)
+
+    def _emit_final(self, job: _Job, event: JobEvent) -> None:
         self._jobs.pop(job.id, None)  # a long-running bot must not keep every job in memory
         self._emit(job, event)
 
@@ -279,9 +363,3 @@ class Engine:
         job.events.put_nowait(event)
         for q in self._subscribers:
             q.put_nowait(event)
-
-    def _unique_id(self) -> str:
-        job_id = new_job_id()
-        while job_id in self._jobs:
-            job_id = new_job_id()
-        return job_id

@@ -86,6 +86,7 @@ class JobResult:
     width: int
     height: int
     timings: Timings
+    image_path: str | None = None  # where the history keeps the PNG (None without one)
 
 
 # Events: past tense, one job each, delivered in order on the asyncio loop.
@@ -96,6 +97,7 @@ class JobQueued:
     job_id: str
     position: int  # 1 = next to run
     params: GenerationParams
+    resumed: bool = False  # taken back from the history after a restart
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +122,7 @@ class JobFinished:
 @dataclass(frozen=True, slots=True)
 class JobFailed:
     job_id: str
-    error_kind: str  # the EngineError class name
+    error_kind: str  # the EngineError class name; "EngineStopped": kept, runs after a restart
     message: str  # safe to show a user
 
 

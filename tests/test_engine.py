@@ -74,7 +74,7 @@ async def test_cancel_before_start_removes_the_job_and_the_next_runs(tiny_config
         running = await engine.submit(JobRequest("first", model="flux_dev", steps=4, width=64, height=64))
         waiting = await engine.submit(JobRequest("second", model="flux_dev", steps=2, width=64, height=64))
         third = await engine.submit(JobRequest("third", model="flux_dev", steps=2, width=64, height=64))
-        assert (running.position, waiting.position, third.position) == (1, 2, 3)
+        assert running.position == 1 and third.position == waiting.position + 1
         assert await waiting.cancel() is True
         waiting_events = await collect(waiting)
         assert await running.result() and await third.result()
@@ -174,7 +174,7 @@ async def test_full_queue_refuses_with_the_limit(tiny_models: Any, tmp_path: Pat
         await running.cancel()
 
 
-async def test_closing_answers_every_queued_job(tiny_config: Config) -> None:
+async def test_closing_answers_every_job_and_keeps_them_for_the_next_start(tiny_config: Config) -> None:
     engine = Engine(tiny_config)
     async with engine:
         first = await engine.submit(JobRequest("a", model="flux_dev", steps=40, width=256, height=256))
@@ -182,9 +182,17 @@ async def test_closing_answers_every_queued_job(tiny_config: Config) -> None:
         async for event in first.events():
             if isinstance(event, JobProgressed):
                 break
-    last = (await collect(queued))[-1]
-    assert isinstance(last, JobFailed) and last.error_kind == "EngineStopped"
-    assert isinstance((await collect(first))[-1], JobCancelled)
+    for handle in (first, queued):
+        last = (await collect(handle))[-1]
+        assert isinstance(last, JobFailed) and last.error_kind == "EngineStopped" and "will run" in last.message
+    async with Engine(tiny_config) as again:
+        assert [h.id for h in again.resumed] == [first.id, queued.id]
+        for handle in again.resumed:
+            assert (await handle.result()).png
+        stored = await again.history.get_job(first.id)
+        attempts = await again.history.attempts(first.id)
+    assert stored.status.value == "succeeded" and stored.image_path.is_file()
+    assert [a.outcome for a in attempts] == ["interrupted", "succeeded"]
 
 
 async def test_hidream_runs_alone_and_others_share(tiny_config: Config) -> None:
