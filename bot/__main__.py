@@ -9,14 +9,18 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from bot.progress import ProgressBar
 from engine import (
     Config,
     Engine,
     EngineError,
+    JobCancelled,
     JobFailed,
+    JobHandle,
     JobFinished,
     JobProgressed,
     JobQueued,
@@ -25,6 +29,7 @@ from engine import (
     load_config,
     with_tiny_models,
 )
+from engine.history import HistoryStore, StoredJob
 from engine.models_info import describe_models
 
 log = logging.getLogger("promptpics")
@@ -46,8 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
     imagine.add_argument("--width", type=int)
     imagine.add_argument("--height", type=int)
     imagine.add_argument("--seed", type=int)
-    imagine.add_argument("--out", type=Path, help="PNG file to write (default: <data_dir>/outputs/<job id>.png)")
+    imagine.add_argument("--out", type=Path, help="also write the PNG here (it is always kept under <data_dir>/images)")
     imagine.set_defaults(run=cmd_imagine)
+
+    history = commands.add_parser("history", help="recent jobs, newest first")
+    history.add_argument("--user", help="only this user id")
+    history.add_argument("--limit", type=int, default=20)
+    history.add_argument("--json", action="store_true")
+    history.set_defaults(run=cmd_history)
+
+    show = commands.add_parser("show", help="one job: parameters, outcome, image path")
+    show.add_argument("job_id")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(run=cmd_show)
 
     models = commands.add_parser("models", help="list the models and their settings")
     models.add_argument("--json", action="store_true")
@@ -88,35 +104,104 @@ async def cmd_imagine(config: Config, args: argparse.Namespace) -> int:
     config = await asyncio.to_thread(prepare, config)
     request = JobRequest(prompt=args.prompt, model=args.model, negative_prompt=args.negative, steps=args.steps,
                          guidance=args.guidance, width=args.width, height=args.height, seed=args.seed)
-    bar = ProgressBar(sys.stderr)
     async with Engine(config) as engine:
+        if engine.resumed:
+            print(f"{len(engine.resumed)} job(s) left by an earlier run go first", file=sys.stderr)
         handle = await engine.submit(request)
-        p = handle.params
-        print(f"job {handle.id}: {config.model(p.model_id).display_name} ({p.route_reason}), "
-              f"{p.width}x{p.height}, {p.steps} steps, guidance {p.guidance:g}, seed {p.seed}", file=sys.stderr)
-        async for event in handle.events():
-            match event:
-                case JobQueued(position=pos) if pos > 1:
-                    print(f"queued #{pos}", file=sys.stderr)
-                case JobStarted():
-                    bar.start(f"loading {p.model_id}", p.steps)
-                case JobProgressed(step=step, total=total):
-                    bar.update(step, total)
-                case JobFinished(result=result):
-                    bar.close()
-                    out = args.out or config.data_dir / "outputs" / f"{handle.id}.png"
+        try:
+            return await follow(config, handle, args.out)
+        except asyncio.CancelledError:  # Ctrl-C: this job is the user's to drop, not to keep
+            await handle.cancel()
+            raise
+
+
+async def follow(config: Config, handle: JobHandle, out: Path | None) -> int:
+    """Print the job's progress; write the PNG where asked. Returns the exit code."""
+    p = handle.params
+    print(f"job {handle.id}: {config.model(p.model_id).display_name} ({p.route_reason}), "
+          f"{p.width}x{p.height}, {p.steps} steps, guidance {p.guidance:g}, seed {p.seed}", file=sys.stderr)
+    bar = ProgressBar(sys.stderr)
+    async for event in handle.events():
+        match event:
+            case JobQueued(position=pos) if pos > 1:
+                print(f"queued #{pos}", file=sys.stderr)
+            case JobStarted():
+                bar.start(f"loading {p.model_id}", p.steps)
+            case JobProgressed(step=step, total=total):
+                bar.update(step, total)
+            case JobFinished(result=result):
+                bar.close()
+                path = Path(result.image_path) if result.image_path else None
+                if out is not None:
                     out.parent.mkdir(parents=True, exist_ok=True)
                     out.write_bytes(result.png)
-                    t = result.timings
-                    print(f"wrote {out} ({result.width}x{result.height}; load {t.load_s:.2f} s, "
-                          f"generate {t.generate_s:.2f} s)", file=sys.stderr)
-                    print(out)
-                    return 0
-                case JobFailed(message=message):
-                    bar.close()
-                    print(f"promptpics: {message}", file=sys.stderr)
-                    return 1
+                    path = out
+                t = result.timings
+                print(f"wrote {path} ({result.width}x{result.height}; load {t.load_s:.2f} s, "
+                      f"generate {t.generate_s:.2f} s)", file=sys.stderr)
+                print(path)
+                return 0
+            case JobFailed(message=message):
+                bar.close()
+                print(f"promptpics: {message}", file=sys.stderr)
+                return 1
+            case JobCancelled():
+                bar.close()
+                print(f"promptpics: job {handle.id} was cancelled", file=sys.stderr)
+                return 1
     return 1
+
+
+async def cmd_history(config: Config, args: argparse.Namespace) -> int:
+    async with HistoryStore.open(config.data_dir, busy_timeout_s=config.history.busy_timeout_s) as store:
+        jobs = await store.recent_jobs(user_id=args.user, limit=args.limit)
+    if args.json:
+        print(json.dumps([job_summary(j) for j in jobs], indent=2, ensure_ascii=False))
+        return 0
+    if not jobs:
+        print("no jobs yet")
+    for job in jobs:
+        when = datetime.fromtimestamp(job.created_at).strftime("%Y-%m-%d %H:%M")
+        prompt = job.params.prompt if len(job.params.prompt) <= 50 else job.params.prompt[:47] + "..."
+        print(f"{job.id}  {when}  {job.status.value:<9}  {job.params.model_id:<10}  "
+              f"{job.requester.display_name or job.requester.user_id:<12}  {prompt}")
+    return 0
+
+
+async def cmd_show(config: Config, args: argparse.Namespace) -> int:
+    async with HistoryStore.open(config.data_dir, busy_timeout_s=config.history.busy_timeout_s) as store:
+        job = await store.get_job(args.job_id.strip().lower())
+        attempts = await store.attempts(job.id) if job else []
+    if job is None:
+        print(f"promptpics: no job `{args.job_id}` in the history", file=sys.stderr)
+        return 1
+    summary = job_summary(job) | {"attempts": [
+        {"n": a.n, "model": a.model_id, "prompt_used": a.prompt_used, "outcome": a.outcome,
+         "retry_reason": a.retry_reason, "verdicts": a.verdicts} for a in attempts]}
+    if args.json:
+        print(json.dumps(summary, indent=2, ensure_ascii=False))
+        return 0
+    for key, value in summary.items():
+        if key != "attempts" and value not in (None, ""):
+            print(f"{key + ':':<16}{value}")
+    for a in summary["attempts"]:
+        print(f"attempt {a['n']}:       {a['model']} -> {a['outcome']}" + (f" ({a['retry_reason']})" if a["retry_reason"] else ""))
+    return 0
+
+
+def job_summary(job: StoredJob) -> dict[str, Any]:
+    p, t = job.params, job.timings
+    return {
+        "id": job.id, "status": job.status.value,
+        "created": datetime.fromtimestamp(job.created_at, tz=timezone.utc).isoformat(timespec="seconds"),
+        "user": job.requester.display_name or job.requester.user_id, "platform": job.requester.platform,
+        "prompt": p.prompt, "negative_prompt": p.negative_prompt, "model_asked": job.model_asked or "auto",
+        "model": p.model_id, "route_reason": p.route_reason, "steps": p.steps, "guidance": p.guidance,
+        "width": p.width, "height": p.height, "seed": p.seed,
+        "image": str(job.image_path) if job.image_path else None,
+        "error": job.error_message, "queue_wait_s": round(t.queue_wait_s, 3), "load_s": round(t.load_s, 3),
+        "generate_s": round(t.generate_s, 3), "total_s": round(t.total_s, 3),
+    }
 
 
 async def cmd_models(config: Config, args: argparse.Namespace) -> int:

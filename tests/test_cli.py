@@ -46,12 +46,28 @@ def test_imagine_writes_a_capped_png_with_metadata_and_is_reproducible(cli_env: 
     assert (meta["prompt"], meta["model"], meta["seed"]) == ("a lighthouse at dusk", "logo_sdxl", 7)
 
 
-def test_imagine_without_out_writes_under_the_data_folder(cli_env: dict[str, str]) -> None:
-    done = promptpics(cli_env, "--profile", "tiny", "imagine", "a fox", "--steps", "1", "--width", "256", "--height", "256")
+def test_imagine_keeps_the_png_in_the_history_and_history_and_show_find_it(cli_env: dict[str, str]) -> None:
+    prompt = 'a "quoted" fox 🦊; DROP TABLE jobs;--'
+    done = promptpics(cli_env, "--profile", "tiny", "imagine", prompt, "--steps", "1", "--width", "256",
+                      "--height", "256", "--seed", "5")
     assert done.returncode == 0, done.stderr
     written = Path(done.stdout.strip())
-    assert written.parent == Path(cli_env["PROMPTPICS_DATA_DIR"]) / "outputs" and written.is_file()
+    assert written.is_relative_to(Path(cli_env["PROMPTPICS_DATA_DIR"]) / "images") and written.is_file()
     assert "1/1 steps" in done.stderr  # progress was shown
+
+    listed = json.loads(promptpics(cli_env, "history", "--json").stdout)
+    assert [(j["prompt"], j["status"], j["image"]) for j in listed] == [(prompt, "succeeded", str(written))]
+    plain = promptpics(cli_env, "history")
+    assert listed[0]["id"] in plain.stdout and "succeeded" in plain.stdout
+
+    shown = promptpics(cli_env, "show", listed[0]["id"])
+    assert shown.returncode == 0
+    assert f"image:          {written}" in shown.stdout and "seed:           5" in shown.stdout
+    as_json = json.loads(promptpics(cli_env, "show", listed[0]["id"], "--json").stdout)
+    assert as_json["attempts"][0]["outcome"] == "succeeded" and as_json["steps"] == 1
+
+    missing = promptpics(cli_env, "show", "zzzzzz")
+    assert missing.returncode == 1 and "no job `zzzzzz`" in missing.stderr
 
 
 @pytest.mark.parametrize(

@@ -205,3 +205,28 @@ async def test_hidream_runs_alone_and_others_share(tiny_config: Config) -> None:
         assert await run("realvis_xl") == {"flux_dev", "realvis_xl"}  # the seed keeps both
         assert await run("logo_sdxl") == {"logo_sdxl"}  # exclusive: the others went first
         assert await run("flux_dev") == {"flux_dev"}  # and nothing loads beside HiDream
+
+
+async def test_a_full_disk_fails_that_job_clearly_and_the_next_one_runs(tiny_config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import engine.history
+
+    real_write = engine.history._write_and_sync
+    calls = []
+
+    def full_once(path: Path, data: bytes) -> None:
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, data)
+
+    monkeypatch.setattr(engine.history, "_write_and_sync", full_once)
+    async with Engine(tiny_config) as eng:
+        first = await eng.submit(JobRequest("a", model="flux_dev", steps=1, width=64, height=64))
+        second = await eng.submit(JobRequest("b", model="flux_dev", steps=1, width=64, height=64))
+        failed = (await collect(first))[-1]
+        assert (await second.result()).image_path
+        stored = await eng.history.get_job(first.id)
+    assert isinstance(failed, JobFailed) and failed.error_kind == "StorageError" and "disk full" in failed.message
+    assert stored.status.value == "failed" and stored.image_path is None
