@@ -22,6 +22,7 @@ OFFLOAD_MODES = ("none", "model", "sequential")
 PROFILES = ("real", "tiny")
 CUDA_DTYPES = ("bfloat16", "float16")
 CONFIG_ENV = "PROMPTPICS_CONFIG"
+PLATFORM_TABLES = ("bot", "discord", "slack")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +75,8 @@ class Config:
     router_llm_id: str = "Qwen/Qwen2.5-1.5B-Instruct"
     rewrite_llm_id: str = "Qwen/Qwen2.5-1.5B-Instruct"
     history: HistorySettings = HistorySettings()
+    # [bot], [discord] and [slack] belong to the bot side: kept raw here, validated by bot/.
+    platform_tables: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     source_file: Path | None = None
 
     @property
@@ -127,11 +130,11 @@ def parse_config(
     profile: str | None = None,
     source_file: Path | None = None,
 ) -> Config:
-    _no_unknown_keys(raw, "", {"engine", "limits", "llm", "models", "history"})
+    _no_unknown_keys(raw, "", {"engine", "limits", "llm", "models", "history", *PLATFORM_TABLES})
     engine = _table(raw, "engine")
     limits_raw = dict(_table(raw, "limits"))
     llm = _table(raw, "llm")
-    _no_unknown_keys(engine, "engine.", {f.name for f in dataclasses.fields(Config)} - {"models", "limits", "router_llm_id", "rewrite_llm_id", "history", "source_file"})
+    _no_unknown_keys(engine, "engine.", {f.name for f in dataclasses.fields(Config)} - {"models", "limits", "router_llm_id", "rewrite_llm_id", "history", "platform_tables", "source_file"})
     _no_unknown_keys(limits_raw, "limits.", {f.name for f in dataclasses.fields(Limits)})
     _no_unknown_keys(llm, "llm.", {"router_llm_id", "rewrite_llm_id"})
 
@@ -160,6 +163,7 @@ def parse_config(
         router_llm_id=env.get("ROUTER_LLM_ID") or _str(llm, "router_llm_id", "llm.", Config.router_llm_id),
         rewrite_llm_id=env.get("REWRITE_LLM_ID") or _str(llm, "rewrite_llm_id", "llm.", Config.rewrite_llm_id),
         history=_parse_history(_table(raw, "history")),
+        platform_tables={name: dict(_table(raw, name)) for name in PLATFORM_TABLES if name in raw},
         source_file=source_file,
     )
     _validate(config)

@@ -263,6 +263,22 @@ class Engine:
             for i, j in enumerate(jobs)
         ]
 
+    async def preload(self, model_id: str) -> float:
+        """Make a model resident ahead of demand (admin); runs on the GPU thread between jobs.
+        Returns the seconds spent loading (0.0 if it was already resident)."""
+        spec = self.config.model(self._known_model(model_id))
+        assert self._runner is not None
+        _, load_s = await self._executor.submit(self._runner.residency.acquire_blocking, spec)
+        return float(load_s)
+
+    async def unload(self, model_id: str) -> bool:
+        """Drop a model from memory (admin); False if it was not loaded."""
+        assert self._runner is not None
+        return bool(await self._executor.submit(self._runner.residency.unload_blocking, self._known_model(model_id)))
+
+    def _known_model(self, model_id: str) -> str:
+        return requested_model(JobRequest(prompt="-", model=model_id), self.config) or self.config.default_model
+
     def resident_models(self) -> tuple[ResidentModel, ...]:
         return self._runner.residency.snapshot() if self._runner else ()
 

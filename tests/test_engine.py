@@ -230,3 +230,19 @@ async def test_a_full_disk_fails_that_job_clearly_and_the_next_one_runs(tiny_con
         stored = await eng.history.get_job(first.id)
     assert isinstance(failed, JobFailed) and failed.error_kind == "StorageError" and "disk full" in failed.message
     assert stored.status.value == "failed" and stored.image_path is None
+
+
+async def test_preload_and_unload_change_what_is_resident(tiny_config: Config) -> None:
+    from engine import RequestError
+
+    async with Engine(tiny_config) as engine:
+        assert await engine.preload("sd3_medium") > 0.0
+        assert await engine.preload("sd3_medium") == 0.0  # already there
+        assert {r.model_id for r in engine.resident_models()} == {"sd3_medium"}
+        handle = await engine.submit(JobRequest("x", model="sd3_medium", steps=1, width=64, height=64))
+        assert (await handle.result()).timings.load_s == 0.0  # the preload paid for it
+        assert await engine.unload("sd3_medium") is True
+        assert await engine.unload("sd3_medium") is False
+        assert engine.resident_models() == ()
+        with pytest.raises(RequestError, match="`model` is 'dalle'"):
+            await engine.preload("dalle")
