@@ -28,11 +28,12 @@ from engine.jobs import (
     Requester,
     Timings,
 )
+from engine.safety import BlankImageError, ImageRefusedError, SafetyConfig, UnsafeContentError
 
 __all__ = [
     "Config", "ConfigError", "Engine", "EngineError", "GenerationError", "GenerationParams", "JobCancelled",
     "JobCancelledError", "JobEvent", "JobFailed", "JobFinished", "JobHandle", "JobProgressed", "JobQueued",
     "JobRequest", "JobResult", "JobStarted", "JobStatus", "ModelLoadError", "ModelSpec", "Origin",
     "OutOfMemoryError", "QueueEntry", "QueueFullError", "RequestError", "Requester", "Timings", "load_config",
-    "with_tiny_models",
+    "with_tiny_models", "BlankImageError", "ImageRefusedError", "SafetyConfig", "UnsafeContentError",
 ]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import ConfigError
+from engine.safety.config import SafetyConfig, check_safety_models, parse_safety_config
 
 FAMILIES = ("flux", "sdxl", "sd3", "hidream")
 OFFLOAD_MODES = ("none", "model", "sequential")
@@ -75,6 +76,7 @@ class Config:
     router_llm_id: str = "Qwen/Qwen2.5-1.5B-Instruct"
     rewrite_llm_id: str = "Qwen/Qwen2.5-1.5B-Instruct"
     history: HistorySettings = HistorySettings()
+    safety: SafetyConfig = dataclasses.field(default_factory=SafetyConfig)
     # [bot], [discord] and [slack] belong to the bot side: kept raw here, validated by bot/.
     platform_tables: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     source_file: Path | None = None
@@ -130,11 +132,11 @@ def parse_config(
     profile: str | None = None,
     source_file: Path | None = None,
 ) -> Config:
-    _no_unknown_keys(raw, "", {"engine", "limits", "llm", "models", "history", *PLATFORM_TABLES})
+    _no_unknown_keys(raw, "", {"engine", "limits", "llm", "models", "history", "safety", *PLATFORM_TABLES})
     engine = _table(raw, "engine")
     limits_raw = dict(_table(raw, "limits"))
     llm = _table(raw, "llm")
-    _no_unknown_keys(engine, "engine.", {f.name for f in dataclasses.fields(Config)} - {"models", "limits", "router_llm_id", "rewrite_llm_id", "history", "platform_tables", "source_file"})
+    _no_unknown_keys(engine, "engine.", {f.name for f in dataclasses.fields(Config)} - {"models", "limits", "router_llm_id", "rewrite_llm_id", "history", "safety", "platform_tables", "source_file"})
     _no_unknown_keys(limits_raw, "limits.", {f.name for f in dataclasses.fields(Limits)})
     _no_unknown_keys(llm, "llm.", {"router_llm_id", "rewrite_llm_id"})
 
@@ -163,6 +165,7 @@ def parse_config(
         router_llm_id=env.get("ROUTER_LLM_ID") or _str(llm, "router_llm_id", "llm.", Config.router_llm_id),
         rewrite_llm_id=env.get("REWRITE_LLM_ID") or _str(llm, "rewrite_llm_id", "llm.", Config.rewrite_llm_id),
         history=_parse_history(_table(raw, "history")),
+        safety=parse_safety_config(_table(raw, "safety")),
         platform_tables={name: dict(_table(raw, name)) for name in PLATFORM_TABLES if name in raw},
         source_file=source_file,
     )
@@ -249,6 +252,7 @@ def _validate(config: Config) -> None:
         if m.steps_range[0] > m.steps_range[1] or m.guidance_range[0] > m.guidance_range[1]:
             bad = "steps_range" if m.steps_range[0] > m.steps_range[1] else "guidance_range"
             raise ConfigError(p + bad, list(getattr(m, bad)), "it must be [low, high] with low <= high")
+    check_safety_models(config.safety, {m.id: m.family for m in config.models.values()})
     emojis = [m.emoji for m in config.models.values() if m.emoji]
     if len(emojis) != len(set(emojis)):
         raise ConfigError("models.*.emoji", emojis, "each model needs its own reaction emoji")

@@ -17,7 +17,7 @@ from typing import Any
 
 from engine.config import Config
 from engine.errors import EngineError, JobCancelledError, QueueFullError
-from engine.executor import GpuExecutor, JobRunner, RunOutput
+from engine.executor import GpuExecutor, JobRunner, RunOutput, default_runner_blocking
 from engine.history import HistoryStore, StorageError, StoredJob
 from engine.jobs import (
     FINAL_EVENTS,
@@ -36,8 +36,9 @@ from engine.jobs import (
 )
 from engine.normalise import clean_prompt, normalise, requested_model
 from engine.pipelines import configure_torch_blocking, resolve_device_blocking, resolve_dtype
-from engine.residency import ResidencyManager, ResidentModel
+from engine.residency import ResidentModel
 from engine.router import DefaultRouter, Router, explicit_choice
+from engine.safety import Attempt
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ class Engine:
         self._owns_history = history is None
         self.resumed: list[JobHandle] = []  # jobs taken back from the history at start
         self._router = router or DefaultRouter(config)
-        self._runner_factory = runner_factory or (lambda c, device, dtype: JobRunner(c, ResidencyManager(device, dtype)))
+        self._runner_factory = runner_factory or default_runner_blocking
         self._executor = GpuExecutor()
         self._runner: JobRunner | None = None
         self._queue: deque[_Job] = deque()
@@ -314,19 +315,26 @@ class Engine:
         job.status, self._running = JobStatus.RUNNING, job
         started = time.perf_counter()
         queue_wait = started - job.queued_mono
-        await self.history.record_started(job.id, started_at=time.time(), model_id=job.params.model_id,
-                                          prompt_used=job.params.prompt)
         self._emit(job, JobStarted(job.id, job.params.model_id))
+        # Each attempt of the safety loop opens and closes its row as it happens (a crash keeps them).
+        recorder = _AttemptRecorder(self.history, job.id)
 
         def on_step(step: int, total: int) -> None:  # GPU thread -> loop
             self._executor.call_soon_threadsafe(self._emit, job, JobProgressed(job.id, step, total))
+
+        def on_attempt(attempt: Attempt) -> None:  # GPU thread -> loop, in order
+            self._executor.call_soon_threadsafe(recorder.add, attempt)
 
         def timings(out: RunOutput | None = None) -> Timings:
             return Timings(queue_wait, out.load_s if out else 0.0, out.generate_s if out else 0.0,
                            time.perf_counter() - job.queued_mono)
 
         try:
-            out: RunOutput = await self._executor.submit(self._runner.run_blocking, job.id, job.params, on_step, job.cancel)
+            try:
+                out: RunOutput = await self._executor.submit(self._runner.run_blocking, job.id, job.params, on_step,
+                                                             job.cancel, job.request.nsfw_allowed, on_attempt)
+            finally:
+                await recorder.drain()
         except JobCancelledError:
             if not job.cancelled_by_user:  # the engine is stopping: stays RUNNING, taken back at start
                 log.info("job %s: interrupted by shutdown; kept for the next start", job.id)
@@ -345,13 +353,16 @@ class Engine:
             await self._succeed(job, out, timings(out))
 
     async def _succeed(self, job: _Job, out: RunOutput, timings: Timings) -> None:
+        params = out.params or job.params
         try:
+            if params != job.params:  # rewritten prompt, new seed or fallback model: keep what made it
+                await self.history.update_params(job.id, params)
             path = await self.history.record_succeeded(job.id, png=out.png, timings=timings, finished_at=time.time())
         except StorageError as exc:  # disk full: this job fails, the bot stays up
             log.error("job %s: %s", job.id, exc)
             await self._finish(job, JobStatus.FAILED, JobFailed(job.id, "StorageError", exc.user_message), timings)
             return
-        result = JobResult(job.id, out.png, job.params, out.width, out.height, timings, str(path))
+        result = JobResult(job.id, out.png, params, out.width, out.height, timings, str(path), out.notice)
         log.info("job %s: finished in %.2f s (load %.2f, generate %.2f)", job.id, timings.total_s, timings.load_s,
                  timings.generate_s)
         job.status = JobStatus.SUCCEEDED
@@ -379,3 +390,31 @@ class Engine:
         job.events.put_nowait(event)
         for q in self._subscribers:
             q.put_nowait(event)
+
+
+class _AttemptRecorder:
+    """Writes one job's attempts to the history in the order the GPU thread reported them:
+    ``outcome is None`` opens the row (``record_started``), the second report closes it."""
+
+    def __init__(self, history: HistoryStore, job_id: str) -> None:
+        self._history, self._job_id = history, job_id
+        self._numbers: dict[int, int] = {}  # the policy's attempt n -> the history's (it goes on after restarts)
+        self._last: asyncio.Task[None] | None = None
+
+    def add(self, attempt: Attempt) -> None:  # on the loop
+        self._last = asyncio.ensure_future(self._write(self._last, attempt))
+
+    async def drain(self) -> None:
+        if self._last is not None:
+            await self._last
+
+    async def _write(self, previous: asyncio.Task[None] | None, a: Attempt) -> None:
+        if previous is not None:
+            await previous
+        if a.outcome is None:
+            self._numbers[a.n] = await self._history.record_started(
+                self._job_id, started_at=a.started_at, model_id=a.model_id, prompt_used=a.prompt_used)
+        else:
+            await self._history.record_attempt_end(
+                self._job_id, self._numbers[a.n], outcome=a.outcome, verdicts=a.verdicts,
+                retry_reason=a.retry_reason, finished_at=a.finished_at or time.time())

@@ -7,7 +7,12 @@
     ├── JobCancelledError            the job was cancelled by a user or an admin
     ├── ModelLoadError               a model could not be loaded (missing files, bad folder)
     ├── OutOfMemoryError             the GPU (or RAM) ran out of memory, even after a retry
-    └── GenerationError              the pipeline failed while generating
+    ├── GenerationError              the pipeline failed while generating
+    ├── ImageRefusedError            (engine.safety.errors) nothing was posted, and why:
+    │   ├── UnsafeContentError       the prompt, or every image, was flagged NSFW
+    │   └── BlankImageError          every image came out black/NaN, the fallback included
+    └── NonFiniteError               (engine.safety.errors) NaN/Inf latents or pixels; retried by the
+                                     safety policy, never shown to a user
 
 Foreign errors (torch, diffusers, OSError) are translated at the seam that calls them
 (``raise ModelLoadError(...) from exc``) so the original traceback stays in the log.

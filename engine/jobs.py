@@ -51,6 +51,7 @@ class JobRequest:
     seed: int | None = None
     requester: Requester = field(default_factory=Requester)
     origin: Origin = field(default_factory=Origin)
+    nsfw_allowed: bool = False  # the channel allows adult images (Discord age-restricted, [safety] allow-list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +88,7 @@ class JobResult:
     height: int
     timings: Timings
     image_path: str | None = None  # where the history keeps the PNG (None without one)
+    notice: str = ""  # the safety loop changed the prompt or the model: say so beside the image
 
 
 # Events: past tense, one job each, delivered in order on the asyncio loop.

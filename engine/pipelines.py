@@ -20,6 +20,7 @@ from typing import Any
 from engine.config import ModelSpec
 from engine.errors import JobCancelledError, ModelLoadError, OutOfMemoryError
 from engine.jobs import GenerationParams
+from engine.safety.prevention import check_latents_blocking, guard_vae_decode_blocking
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,9 @@ def load_pipeline_blocking(spec: ModelSpec, device: Any, dtype: Any) -> LoadedPi
     pipe = None
     try:
         pipe = _LOADERS[spec.family](spec, dtype)
+        # float16: the VAE decodes in float32 (else SDXL's overflows to a black image); any
+        # dtype: NaN/Inf pixels raise NonFiniteError, which the safety policy retries.
+        guard_vae_decode_blocking(pipe, spec.id, dtype)
         placement = _place_blocking(pipe, spec, device)
     except BaseException as exc:
         del pipe
@@ -217,6 +221,8 @@ def generate_blocking(loaded: LoadedPipeline, params: GenerationParams, *, on_st
             # diffusers' own stop flag, then raise so a cancelled job skips the VAE decode too.
             p._interrupt = True
             raise JobCancelledError("")
+        # NaN latents never recover: stop here instead of denoising and decoding a black square.
+        check_latents_blocking(kwargs.get("latents"), loaded.spec.id, i + 1)
         on_step(i + 1, params.steps)
         return {}
 

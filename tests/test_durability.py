@@ -49,6 +49,14 @@ def rows(db: Path, sql: str) -> list[tuple[Any, ...]]:
         return conn.execute(sql).fetchall()
 
 
+def count(db: Path, status: str) -> int:
+    """Jobs in ``status``; 0 while the worker has not created the file or its schema yet."""
+    try:
+        return rows(db, f"SELECT count(*) FROM jobs WHERE status = '{status}'")[0][0] if db.exists() else 0
+    except sqlite3.OperationalError:
+        return 0
+
+
 def test_sigkill_mid_job_then_a_new_process_finishes_every_job_exactly_once(tiny_models: Any, tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     db = data_dir / "promptpics.sqlite3"
@@ -56,8 +64,7 @@ def test_sigkill_mid_job_then_a_new_process_finishes_every_job_exactly_once(tiny
     deadline = time.monotonic() + 120
     # Kill while the second job is running: one finished, one interrupted, two never started.
     while time.monotonic() < deadline:
-        if db.exists() and rows(db, "SELECT count(*) FROM jobs WHERE status = 'succeeded'")[0][0] >= 1 \
-                and rows(db, "SELECT count(*) FROM jobs WHERE status = 'running'")[0][0] == 1:
+        if count(db, "succeeded") >= 1 and count(db, "running") == 1:
             break
         assert first.poll() is None, f"the worker ended early: {first.communicate()}"
         time.sleep(0.02)
