@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from bot.cli_bot import add_bot_commands
 from bot.progress import ProgressBar
 from engine import (
     Config,
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list the models and their settings")
     models.add_argument("--json", action="store_true")
     models.set_defaults(run=cmd_models)
+    add_bot_commands(commands)
     return parser
 
 

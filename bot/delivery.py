@@ -1,0 +1,382 @@
+"""Engine events -> the platform that asked: status messages, throttled progress, results.
+
+The engine speaks plain data; this module keeps the link between a job id and the platform
+messages that show it (in the history's ``deliveries`` table, so reactions keep working after
+a restart). Each platform plugs in an ``Outlet``; one ``Delivery`` serves them all from one
+subscription to the engine, made *before* the engine is entered so that jobs taken back from
+the history after a restart (``JobQueued(resumed=True)``) reach their original channel too.
+
+One small task per live job handles that job's events in order, so a slow platform call for
+one job never holds up another's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from bot import messages
+from bot.commands import Commands
+from engine import (
+    JobCancelled,
+    JobEvent,
+    JobFailed,
+    JobFinished,
+    JobProgressed,
+    JobQueued,
+    JobStarted,
+    JobStatus,
+)
+from engine.history import StoredJob
+
+log = logging.getLogger(__name__)
+
+CATCH_UP_WINDOW_S = 24 * 3600  # results finished but never posted (a crash) are posted at start
+CATCH_UP_JOBS = 50
+POSITION_UPDATES_UP_TO = 10  # queued jobs further back are not re-edited each time the queue moves
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRef:
+    channel_id: str
+    message_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Picture:
+    png: bytes
+    path: str | None  # where the history keeps the PNG
+
+
+class MessageGone(Exception):
+    """The message to edit no longer exists (deleted by someone); post a new one instead."""
+
+
+class Outlet(Protocol):
+    """One platform's way of showing a job. Methods raise on failure; Delivery logs and goes on."""
+
+    platform: str
+    progress_interval_s: float | None  # None: [bot] progress_interval_s
+
+    def mention(self, user_id: str) -> str: ...
+
+    async def post_status(self, job: StoredJob, text: str) -> MessageRef: ...
+
+    async def edit_status(self, job: StoredJob, ref: MessageRef, text: str) -> None: ...
+
+    async def post_result(self, job: StoredJob, picture: Picture, caption: str,
+                          status: MessageRef | None) -> MessageRef: ...
+
+    async def add_reactions(self, job: StoredJob, ref: MessageRef, emojis: Sequence[str]) -> None: ...
+
+    async def retire_status(self, job: StoredJob, ref: MessageRef) -> None: ...
+
+
+class _Moved:
+    """Marker for a queued job's inbox: the queue moved, its position may have changed."""
+
+
+_MOVED = _Moved()
+
+
+@dataclass(eq=False)
+class _Track:
+    job: StoredJob
+    outlet: Outlet
+    interval_s: float
+    status: MessageRef | None = None
+    last_edit: float = -math.inf
+    pending: str | None = None  # an edit held back by the throttle, shown when it allows
+    position: int = 0
+    started: float | None = None
+    unpostable: bool = False  # posting the status failed: retry only for the final word, not every step
+
+
+class Delivery:
+    """``delivery.attach()`` before ``async with engine``; then run ``delivery.run()`` as a task."""
+
+    def __init__(self, commands: Commands, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._commands = commands
+        self._engine = commands.engine
+        self._clock = clock
+        self._outlets: dict[str, Outlet] = {}
+        self._events: asyncio.Queue[JobEvent] | None = None
+        self._inboxes: dict[str, asyncio.Queue[JobEvent | _Moved]] = {}
+        self._workers: set[asyncio.Task[None]] = set()
+        self._seen: OrderedDict[str, bool] = OrderedDict()  # job id -> settled (bounded)
+        self._changed = asyncio.Condition()
+
+    def add_outlet(self, outlet: Outlet) -> None:
+        self._outlets[outlet.platform] = outlet
+
+    def attach(self) -> None:
+        """Subscribe to the engine's events; call before entering the engine."""
+        if self._events is None:
+            self._events = self._engine.subscribe()
+
+    # -- the main loop -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Until cancelled: route each event to its job's task. Needs the engine entered."""
+        self.attach()
+        assert self._events is not None
+        catching_up: asyncio.Task[None] | None = None
+        try:
+            self._commands.eta.seed(await self._engine.history.model_stats())
+            self._route_waiting()  # jobs taken back at start are known before catching up
+            # In the background: a platform still connecting must not hold up the others' events.
+            catching_up = asyncio.create_task(self._catch_up(), name="delivery-catch-up")
+            while True:
+                self._route(await self._events.get())
+        finally:
+            if catching_up is not None:
+                catching_up.cancel()
+            self._engine.unsubscribe(self._events)
+            self._events = None
+
+    async def drain(self, timeout_s: float) -> None:
+        """Let every job task finish its queued work (at shutdown, after the engine stopped)."""
+        self._route_waiting()
+        if self._workers:
+            await asyncio.wait(set(self._workers), timeout=timeout_s)
+
+    async def settled(self, job_id: str) -> None:
+        """Wait until ``job_id``'s final event has been shown (the terminal waits on this)."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._seen.get(job_id, False))
+
+    def _route_waiting(self) -> None:
+        while self._events is not None and not self._events.empty():
+            self._route(self._events.get_nowait())
+
+    def _route(self, event: JobEvent) -> None:
+        inbox = self._inboxes.get(event.job_id)
+        if inbox is None:
+            if self._seen.get(event.job_id):
+                return  # settled already; a late duplicate
+            inbox = self._inboxes[event.job_id] = asyncio.Queue()
+            self._remember(event.job_id, settled=False)
+            task = asyncio.create_task(self._work(event.job_id, inbox), name=f"deliver-{event.job_id}")
+            self._workers.add(task)
+            task.add_done_callback(self._workers.discard)
+        inbox.put_nowait(event)
+        if isinstance(event, JobStarted):  # everyone behind it moved up one place
+            for job_id, other in self._inboxes.items():
+                if job_id != event.job_id:
+                    other.put_nowait(_MOVED)
+
+    def _remember(self, job_id: str, *, settled: bool) -> None:
+        self._seen[job_id] = settled
+        self._seen.move_to_end(job_id)
+        while len(self._seen) > 5000:
+            self._seen.popitem(last=False)
+
+    # -- one job -----------------------------------------------------------------------------
+
+    async def _work(self, job_id: str, inbox: asyncio.Queue[JobEvent | _Moved]) -> None:
+        try:
+            job = await self._engine.history.get_job(job_id)
+            outlet = self._outlets.get(job.origin.platform) if job else None
+            if job is None or outlet is None:
+                log.debug("job %s: no outlet for its platform here; not shown", job_id)
+                while not isinstance(await inbox.get(), JobFinished | JobFailed | JobCancelled):
+                    pass
+                return
+            interval = outlet.progress_interval_s
+            track = _Track(job, outlet, self._commands.settings.progress_interval_s if interval is None else interval)
+            while True:
+                event = await self._next(track, inbox)
+                if event is None:
+                    continue
+                try:
+                    if await self._handle(track, event):
+                        return
+                except Exception:  # one boundary per job: log it, keep the bot and the other jobs going
+                    log.exception("job %s: could not be shown on %s", job_id, outlet.platform)
+                    if isinstance(event, JobFinished | JobFailed | JobCancelled):
+                        return
+                    track.unpostable = track.status is None
+        finally:
+            self._inboxes.pop(job_id, None)
+            self._remember(job_id, settled=True)
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def _next(self, track: _Track, inbox: asyncio.Queue[JobEvent | _Moved]) -> JobEvent | _Moved | None:
+        """The next event; or None after showing a held-back edit once the throttle allows."""
+        if track.pending is None:
+            return await inbox.get()
+        remaining = track.last_edit + track.interval_s - self._clock()
+        if remaining > 0:
+            try:
+                return await asyncio.wait_for(inbox.get(), remaining)
+            except TimeoutError:
+                pass
+        text, track.pending = track.pending, None
+        await self._show(track, text, force=True)
+        return None
+
+    async def _handle(self, track: _Track, event: JobEvent | _Moved) -> bool:
+        """Show one event; True when it was the job's last."""
+        job, c = track.job, self._commands
+        match event:
+            case JobQueued(position=position, params=params, resumed=resumed):
+                track.position = position
+                if resumed:
+                    track.status = await self._existing_status(job, track.outlet)
+                await self._show(track, messages.status_queued(
+                    job_id=job.id, mention=self._mention(track), params=params, model_name=c.model_name(params.model_id),
+                    position=position, eta_s=self._eta(job.id), resumed=resumed), force=True)
+            case _Moved() if track.started is None and track.status is not None:
+                position = self._position(job.id)
+                if position and position != track.position and position <= POSITION_UPDATES_UP_TO:
+                    track.position = position
+                    await self._show(track, messages.status_queued(
+                        job_id=job.id, mention=self._mention(track), params=job.params,
+                        model_name=c.model_name(job.params.model_id), position=position, eta_s=self._eta(job.id)))
+            case JobStarted(model_id=model_id):
+                track.started = self._clock()
+                await self._show(track, messages.status_running(
+                    job_id=job.id, mention=self._mention(track), params=job.params, model_name=c.model_name(model_id)))
+            case JobProgressed(step=step, total=total):
+                elapsed = None if track.started is None else self._clock() - track.started
+                await self._show(track, messages.status_running(
+                    job_id=job.id, mention=self._mention(track), params=job.params,
+                    model_name=c.model_name(job.params.model_id), step=step, total=total, elapsed_s=elapsed))
+            case JobFinished(result=result):
+                t = result.timings
+                c.eta.observe(result.params.model_id, t.load_s + t.generate_s)
+                caption = messages.caption(job_id=job.id, mention=self._mention(track), params=result.params,
+                                           model_name=c.model_name(result.params.model_id), timings=t,
+                                           notice=result.notice)
+                track.pending = None
+                await self._post_result(track.outlet, job, Picture(result.png, result.image_path), caption,
+                                        result.params.model_id, track.status)
+                return True
+            case JobFailed(error_kind=kind, message=message):
+                build = messages.status_stopped if kind == "EngineStopped" else messages.status_failed
+                track.pending = None
+                await self._show(track, build(job_id=job.id, mention=self._mention(track), message=message), force=True)
+                return True
+            case JobCancelled():
+                track.pending = None
+                await self._show(track, messages.status_cancelled(job_id=job.id, mention=self._mention(track)), force=True)
+                return True
+        return False
+
+    async def _show(self, track: _Track, text: str, *, force: bool = False) -> None:
+        """Post the status message, or edit it at most once per interval (``force``: wait for it)."""
+        outlet, job = track.outlet, track.job
+        if track.status is None and track.unpostable and not force:
+            return
+        if track.status is not None:
+            wait = track.last_edit + track.interval_s - self._clock()
+            if wait > 0 and not force:
+                track.pending = text
+                return
+            if wait > 0:
+                await asyncio.sleep(wait)
+            try:
+                await outlet.edit_status(job, track.status, text)
+                track.last_edit, track.pending = self._clock(), None
+                return
+            except MessageGone:
+                log.info("job %s: status message was deleted; posting a new one", job.id)
+        track.status = await outlet.post_status(job, text)
+        track.last_edit, track.pending = self._clock(), None
+        await self._engine.history.record_delivery(job.id, platform=outlet.platform, channel_id=track.status.channel_id,
+                                                   message_id=track.status.message_id, kind="status")
+        await self._react(outlet, job, track.status, self._commands.status_reactions())
+
+    async def _post_result(self, outlet: Outlet, job: StoredJob, picture: Picture, caption: str, model_id: str,
+                           status: MessageRef | None) -> None:
+        ref = await outlet.post_result(job, picture, caption, status)
+        # Recorded before anything else can fail: from now on reactions on it work, restarts included.
+        await self._engine.history.record_delivery(job.id, platform=outlet.platform, channel_id=ref.channel_id,
+                                                   message_id=ref.message_id, kind="result")
+        log.info("job %s: result posted on %s", job.id, outlet.platform)
+        await self._react(outlet, job, ref, self._commands.result_reactions(model_id))
+        if status is not None:
+            await outlet.retire_status(job, status)
+
+    @staticmethod
+    async def _react(outlet: Outlet, job: StoredJob, ref: MessageRef, emojis: Sequence[str]) -> None:
+        """Reactions are a convenience: a failure (no Add Reactions permission) is logged, not fatal."""
+        try:
+            await outlet.add_reactions(job, ref, emojis)
+        except Exception as exc:
+            log.warning("job %s: could not add reactions on %s: %s", job.id, outlet.platform, exc)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _mention(self, track: _Track) -> str:
+        r = track.job.requester
+        return track.outlet.mention(r.user_id) if r.platform == track.outlet.platform else ""
+
+    def _position(self, job_id: str) -> int:
+        return next((e.position for e in self._engine.queue_snapshot() if e.job_id == job_id), 0)
+
+    def _eta(self, job_id: str) -> float | None:
+        return self._commands.eta.finish_times(self._engine.queue_snapshot()).get(job_id)
+
+    async def _existing_status(self, job: StoredJob, outlet: Outlet) -> MessageRef | None:
+        found = [d for d in await self._engine.history.deliveries(job.id)
+                 if d.kind == "status" and d.platform == outlet.platform]
+        return MessageRef(found[-1].channel_id, found[-1].message_id) if found else None
+
+    async def _catch_up(self) -> None:
+        """Post results that finished but were never posted (the process died in between)."""
+        cutoff = time.time() - CATCH_UP_WINDOW_S
+        for platform, outlet in self._outlets.items():
+            for job in await self._engine.history.recent_jobs(platform=platform, limit=CATCH_UP_JOBS):
+                if (job.id in self._seen or job.status is not JobStatus.SUCCEEDED or job.image_path is None
+                        or (job.finished_at or 0) < cutoff or job.origin.platform != platform):
+                    continue
+                deliveries = await self._engine.history.deliveries(job.id)
+                if any(d.kind == "result" for d in deliveries):
+                    continue
+                try:
+                    png = await asyncio.to_thread(job.image_path.read_bytes)
+                    status = await self._existing_status(job, outlet)
+                    caption = messages.caption(job_id=job.id, mention=outlet.mention(job.requester.user_id),
+                                               params=job.params, model_name=self._commands.model_name(job.params.model_id),
+                                               timings=job.timings)
+                    log.info("job %s: posting a result that was never delivered", job.id)
+                    await self._post_result(outlet, job, Picture(png, str(job.image_path)), caption, job.params.model_id,
+                                            status)
+                except Exception:
+                    log.exception("job %s: the undelivered result could not be posted", job.id)
+
+
+# -- images that must fit a platform's upload limit ---------------------------------------------
+
+
+class ImageTooLarge(Exception):
+    pass
+
+
+def fit_image_blocking(png: bytes, limit: int) -> tuple[bytes, str]:
+    """The PNG if it fits in ``limit`` bytes; else WebP or JPEG, downscaled if need be.
+    Returns ``(data, extension)``. CPU work: call it through ``asyncio.to_thread``."""
+    if limit <= 0 or len(png) <= limit:
+        return png, "png"
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as opened:
+        image = opened.convert("RGB")
+    for scale in (1.0, 0.75, 0.5, 0.35, 0.25, 0.15, 0.1):
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        scaled = image if scale == 1.0 else image.resize(size, Image.Resampling.LANCZOS)
+        for fmt, quality in (("WEBP", 90), ("JPEG", 90), ("WEBP", 70), ("JPEG", 70)):
+            buffer = io.BytesIO()
+            scaled.save(buffer, format=fmt, quality=quality)
+            if buffer.tell() <= limit:
+                return buffer.getvalue(), "webp" if fmt == "WEBP" else "jpg"
+    raise ImageTooLarge(f"no encoding fits in {limit} bytes")

@@ -1,0 +1,402 @@
+"""The Discord adapter (discord.py 2.x): slash commands and reactions in, status and results out.
+
+Rules of the platform this file follows:
+
+- An interaction must be answered within 3 s, so every command defers first (privately).
+- The interaction token dies after 15 minutes, so status messages and results are posted with
+  the *bot* token to the channel the job came from; a long queue never loses a result.
+- Reactions arrive as ``on_raw_reaction_add``: it fires for messages that are not in the
+  cache, so reactions on results keep working after a restart (deliveries are in SQLite).
+- Commands are registered only by ``promptpics sync-commands``, never in ``on_ready`` (it can
+  fire many times a day and burns the daily command-create limit).
+- Default intents only: reactions are not privileged and no message content is read.
+
+No ``from __future__ import annotations`` here: discord.py reads each slash-command option's
+type from the annotations at run time, and their bounds come from config.toml.
+"""
+
+import asyncio
+import io
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import discord
+import yarl
+from discord import app_commands
+from discord.gateway import DiscordWebSocket
+
+from bot import messages
+from bot.commands import Actor, AdminPolicy, Commands, ImagineOptions, Reply, Submitted
+from bot.delivery import MessageGone, MessageRef, Picture, fit_image_blocking
+from bot.settings import DiscordSettings
+from engine import Config, Origin
+from engine.history import StoredJob
+from engine.normalise import MAX_SEED
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "discord"
+MESSAGE_LIMIT = 2000  # characters in one message
+DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024  # bytes a bot may attach where Discord says nothing else
+NOBODY = discord.AllowedMentions.none()
+# Permissions the bot needs in a channel (see docs/BOT.md): view, send, send in threads,
+# attach files, read history (to react on older messages), add reactions.
+PERMISSIONS = discord.Permissions(view_channel=True, send_messages=True, send_messages_in_threads=True,
+                                  attach_files=True, read_message_history=True, add_reactions=True)
+
+
+def point_at(settings: DiscordSettings) -> None:
+    """discord.py keeps its API and gateway addresses on classes: set them before connecting
+    (Discord's own by default; DISCORD_API_BASE / DISCORD_GATEWAY_URL for compatible servers)."""
+    discord.http.Route.BASE = settings.api_base
+    DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.gateway_url)
+
+
+NEEDED_HERE = (("view_channel", "View Channel"), ("send_messages", "Send Messages"), ("attach_files", "Attach Files"),
+               ("read_message_history", "Read Message History"), ("add_reactions", "Add Reactions"))
+
+
+def missing_permissions(interaction: discord.Interaction) -> list[str]:
+    """What the bot lacks in this channel to post statuses and results (Discord says, per interaction)."""
+    have = interaction.app_permissions
+    needed = list(NEEDED_HERE)
+    if isinstance(interaction.channel, discord.Thread):
+        needed[1] = ("send_messages_in_threads", "Send Messages in Threads")
+    return [label for name, label in needed if not getattr(have, name)]
+
+
+def is_age_restricted(channel: object) -> bool:
+    """Discord's age-restricted ("NSFW") channel flag; unknown channels count as not."""
+    is_nsfw = getattr(channel, "is_nsfw", None)
+    return bool(is_nsfw()) if callable(is_nsfw) else False
+
+
+def invite_url(application_id: int) -> str:
+    return discord.utils.oauth_url(application_id, permissions=PERMISSIONS,
+                                   scopes=("bot", "applications.commands"))
+
+
+def pinging(user_id: str) -> discord.AllowedMentions:
+    """Ping this user only: a prompt quoted in a message may say @everyone or <@someone>."""
+    users = [discord.Object(int(user_id))] if user_id.isdigit() else False
+    return discord.AllowedMentions(everyone=False, roles=False, users=users, replied_user=False)
+
+
+def role_ids(member: object) -> frozenset[str]:
+    """The role ids straight from the event (a Member keeps them even when the guild's roles
+    are not cached; a plain User, in a DM, has none)."""
+    return frozenset(str(r) for r in getattr(member, "_roles", ()))
+
+
+def actor_of(user: discord.abc.User) -> Actor:
+    return Actor(platform=PLATFORM, user_id=str(user.id), display_name=user.display_name, role_ids=role_ids(user))
+
+
+# -- the client and its slash commands -----------------------------------------------------------
+
+
+class PromptPicsClient(discord.Client):
+    """A discord.Client with our command tree; ``app`` is None when it only syncs commands."""
+
+    def __init__(self, config: Config, app: "DiscordApp | None" = None, **options: Any) -> None:
+        super().__init__(intents=discord.Intents.default(), **options)
+        self.app = app
+        self.tree = app_commands.CommandTree(self)
+        _add_commands(self.tree, config, self._running_app)
+        self.tree.error(self._on_command_error)
+
+    def _running_app(self) -> "DiscordApp":
+        assert self.app is not None, "this client only syncs commands"
+        return self.app
+
+    async def on_ready(self) -> None:
+        # May fire again after a reconnect; nothing here may burn a rate limit (no command sync).
+        log.info("discord: connected as %s to %d server(s)", self.user, len(self.guilds))
+        if self.app is not None:
+            self.app.connected.set()
+
+    async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
+        if self.app is not None:
+            await self.app.on_reaction(payload)
+
+    async def _on_command_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+        """The catch-all of this boundary: the user gets a sentence, the log the traceback."""
+        if isinstance(error, app_commands.NoPrivateMessage):
+            text = "Please use PromptPics commands in a server channel."
+        else:
+            text = messages.describe_error(getattr(error, "original", error))
+        try:
+            if interaction.response.is_done():
+                await interaction.followup.send(text, ephemeral=True)
+            else:
+                await interaction.response.send_message(text, ephemeral=True)
+        except discord.HTTPException:
+            log.warning("could not tell user %s about an error", interaction.user.id)
+
+
+def _add_commands(tree: app_commands.CommandTree, config: Config, app: Callable[[], "DiscordApp"]) -> None:
+    """The slash commands; their option bounds are the engine's limits (the engine checks again)."""
+    lim = config.limits
+    models = [app_commands.Choice(name=f"{m.display_name} ({m.id})"[:100], value=m.id) for m in config.models.values()]
+    auto = [app_commands.Choice(name="auto: the bot picks the best model", value="auto")]
+    model_ids = ", ".join(config.models)
+
+    @tree.command(name="imagine", description="Make an image from a prompt")
+    @app_commands.guild_only()
+    @app_commands.describe(prompt="what to draw", model="auto (default) or a model", negative="what the image should not show",
+                           steps=f"denoising steps ({lim.min_steps}-{lim.max_steps})",
+                           guidance=f"how closely to follow the prompt ({lim.min_guidance:g}-{lim.max_guidance:g})",
+                           width=f"pixels ({lim.min_image_side}-{lim.max_image_side})",
+                           height=f"pixels ({lim.min_image_side}-{lim.max_image_side})", seed="same seed, same picture")
+    @app_commands.choices(model=auto + models)
+    async def imagine(interaction: discord.Interaction,
+                      prompt: app_commands.Range[str, 1, lim.max_prompt_chars],
+                      model: Optional[str] = None,
+                      negative: Optional[app_commands.Range[str, 1, lim.max_negative_chars]] = None,
+                      steps: Optional[app_commands.Range[int, lim.min_steps, lim.max_steps]] = None,
+                      guidance: Optional[app_commands.Range[float, lim.min_guidance, lim.max_guidance]] = None,
+                      width: Optional[app_commands.Range[int, lim.min_image_side, lim.max_image_side]] = None,
+                      height: Optional[app_commands.Range[int, lim.min_image_side, lim.max_image_side]] = None,
+                      seed: Optional[app_commands.Range[int, 0, MAX_SEED]] = None) -> None:
+        options = ImagineOptions(prompt=prompt, model=model, negative=negative, steps=steps, guidance=guidance,
+                                 width=width, height=height, seed=seed)
+        await app().on_imagine(interaction, options)
+
+    @tree.command(name="history", description="Your recent jobs")
+    @app_commands.guild_only()
+    async def history(interaction: discord.Interaction) -> None:
+        await app().respond(interaction, app().commands.history)
+
+    @tree.command(name="show", description="One job's settings, outcome and image")
+    @app_commands.guild_only()
+    @app_commands.describe(job_id="the job id, e.g. k7mq2x")
+    async def show(interaction: discord.Interaction, job_id: app_commands.Range[str, 1, 64]) -> None:
+        await app().respond(interaction, lambda actor: app().commands.show(actor, job_id))
+
+    @tree.command(name="preload", description="Admins: load a model ahead of demand")
+    @app_commands.guild_only()
+    @app_commands.describe(model=f"one of {model_ids}"[:100])
+    @app_commands.choices(model=models)
+    async def preload(interaction: discord.Interaction, model: str) -> None:
+        await app().respond(interaction, lambda actor: app().commands.preload(actor, model))
+
+    @tree.command(name="unload", description="Admins: free a model's memory")
+    @app_commands.guild_only()
+    @app_commands.describe(model=f"one of {model_ids}"[:100])
+    @app_commands.choices(model=models)
+    async def unload(interaction: discord.Interaction, model: str) -> None:
+        await app().respond(interaction, lambda actor: app().commands.unload(actor, model))
+
+    @tree.command(name="models", description="Admins: the models, what is loaded where, memory")
+    @app_commands.guild_only()
+    async def models_(interaction: discord.Interaction) -> None:
+        await app().respond(interaction, app().commands.models)
+
+    @tree.command(name="queue", description="Admins: the jobs waiting, positions and ETA")
+    @app_commands.guild_only()
+    async def queue(interaction: discord.Interaction) -> None:
+        await app().respond(interaction, app().commands.queue)
+
+    @tree.command(name="stats", description="Admins: per-model timings and safety incidents")
+    @app_commands.guild_only()
+    async def stats(interaction: discord.Interaction) -> None:
+        await app().respond(interaction, app().commands.stats)
+
+
+# -- the adapter ---------------------------------------------------------------------------------
+
+
+class DiscordApp:
+    """One Discord connection serving the shared ``Commands``; ``outlet`` plugs into Delivery."""
+
+    platform = PLATFORM
+
+    def __init__(self, commands: Commands, settings: DiscordSettings, **client_options: Any) -> None:
+        self.commands, self.settings = commands, settings
+        self.connected = asyncio.Event()  # set once the gateway is ready; delivery waits for it
+        self.client = PromptPicsClient(commands.config, self, **client_options)
+        self._upload_limits: OrderedDict[str, int] = OrderedDict()  # job id -> the interaction's limit
+        self.outlet = DiscordOutlet(self.client, settings, self._upload_limits, self.connected)
+
+    @staticmethod
+    def admin_policy(settings: DiscordSettings) -> AdminPolicy:
+        return AdminPolicy(user_ids=settings.admin_user_ids, role_ids=settings.admin_role_ids)
+
+    async def serve(self) -> None:
+        """Connect and serve until closed. Raises discord.LoginFailure for a refused token."""
+        if not self.settings.token:
+            raise RuntimeError("DISCORD_TOKEN is not set")
+        point_at(self.settings)
+        await self.client.start(self.settings.token)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    # -- commands ------------------------------------------------------------------------------
+
+    async def on_imagine(self, interaction: discord.Interaction, options: ImagineOptions) -> None:
+        # Discord drops an interaction not answered within 3 s, and routing may take longer.
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        if missing := missing_permissions(interaction):
+            # The results go out with the bot token: without these the job would run for nobody.
+            await self._send_reply(interaction, Reply(messages.missing_permissions(missing), ok=False))
+            return
+        origin = Origin(platform=PLATFORM, channel_id=str(interaction.channel_id))
+        outcome = await self.commands.imagine(actor_of(interaction.user), options, origin,
+                                              adult_channel=is_age_restricted(interaction.channel))
+        if isinstance(outcome, Submitted):
+            self._upload_limits[outcome.handle.id] = interaction.filesize_limit
+            while len(self._upload_limits) > 1000:
+                self._upload_limits.popitem(last=False)
+            outcome = outcome.reply
+        await self._send_reply(interaction, outcome)
+
+    async def respond(self, interaction: discord.Interaction, work: Callable[[Actor], Awaitable[Reply]]) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)  # /preload can take minutes
+        await self._send_reply(interaction, await work(actor_of(interaction.user)))
+
+    async def _send_reply(self, interaction: discord.Interaction, reply: Reply) -> None:
+        file: discord.File = discord.utils.MISSING
+        if reply.image_path:
+            path = Path(reply.image_path)
+            if path.stat().st_size <= interaction.filesize_limit:
+                file = discord.File(path, filename=path.name)
+        await interaction.followup.send(messages.fit_text(reply.text, MESSAGE_LIMIT), ephemeral=True,
+                                        allowed_mentions=NOBODY, file=file)
+
+    # -- reactions -----------------------------------------------------------------------------
+
+    async def on_reaction(self, payload: discord.RawReactionActionEvent) -> None:
+        me = self.client.user
+        if (me is not None and payload.user_id == me.id) or not payload.emoji.is_unicode_emoji():
+            return
+        emoji = str(payload.emoji)
+        if self.commands.reaction_action(emoji) is None:
+            return  # not one of ours: no database look-up for every reaction in the server
+        actor = Actor(platform=PLATFORM, user_id=str(payload.user_id),
+                      display_name=payload.member.display_name if payload.member else "",
+                      role_ids=role_ids(payload.member))
+        origin = Origin(platform=PLATFORM, channel_id=str(payload.channel_id), message_ref=str(payload.message_id))
+        adult = is_age_restricted(self.client.get_channel(payload.channel_id))
+        try:  # the catch-all of this boundary
+            job = await self.commands.engine.history.job_by_message(
+                platform=PLATFORM, channel_id=str(payload.channel_id), message_id=str(payload.message_id))
+            if job is None:
+                return  # not a message of ours
+            outcome = await self.commands.react(actor, job, emoji, origin, adult_channel=adult)
+        except Exception as exc:
+            outcome = Reply(messages.describe_error(exc), ok=False)
+        if outcome is None or isinstance(outcome, Submitted):
+            return  # a new job: its status message answers
+        channel = self.client.get_partial_messageable(payload.channel_id)
+        target = channel.get_partial_message(payload.message_id)
+        try:
+            if outcome.delete_target:
+                await target.delete()
+                log.info("message %s deleted by user %s", payload.message_id, payload.user_id)
+            elif outcome.text:
+                await channel.send(messages.fit_text(f"<@{payload.user_id}> {outcome.text}", MESSAGE_LIMIT),
+                                   reference=target.to_reference(fail_if_not_exists=False),
+                                   allowed_mentions=pinging(str(payload.user_id)))
+        except discord.HTTPException as exc:
+            log.warning("could not answer a reaction on message %s: %s", payload.message_id, exc)
+
+
+class DiscordOutlet:
+    """Shows jobs in Discord with the bot token (``delivery.Outlet``)."""
+
+    platform = PLATFORM
+    progress_interval_s: float | None = None  # [bot] progress_interval_s
+
+    def __init__(self, client: discord.Client, settings: DiscordSettings, upload_limits: "OrderedDict[str, int]",
+                 connected: asyncio.Event) -> None:
+        self._client, self._settings, self._upload_limits = client, settings, upload_limits
+        self._connected = connected
+
+    def mention(self, user_id: str) -> str:
+        return f"<@{user_id}>"
+
+    async def _channel(self, channel_id: str) -> discord.PartialMessageable:
+        await self._connected.wait()  # jobs taken back at start may finish before the gateway is up
+        # A partial messageable needs no cache: it works for any channel id, also after a restart.
+        return self._client.get_partial_messageable(int(channel_id))
+
+    async def post_status(self, job: StoredJob, text: str) -> MessageRef:
+        channel = await self._channel(job.origin.channel_id)
+        text, mentions = messages.fit_text(text, MESSAGE_LIMIT), _requester_only(job)
+        if job.origin.message_ref.isdigit():  # a reaction's job answers under the image reacted to
+            reference = channel.get_partial_message(int(job.origin.message_ref)).to_reference(fail_if_not_exists=False)
+            message = await channel.send(text, reference=reference, allowed_mentions=mentions)
+        else:
+            message = await channel.send(text, allowed_mentions=mentions)
+        return MessageRef(str(channel.id), str(message.id))
+
+    async def edit_status(self, job: StoredJob, ref: MessageRef, text: str) -> None:
+        channel = await self._channel(ref.channel_id)
+        try:
+            await channel.get_partial_message(int(ref.message_id)).edit(content=messages.fit_text(text, MESSAGE_LIMIT),
+                                                                        allowed_mentions=_requester_only(job))
+        except discord.NotFound as exc:
+            raise MessageGone(ref.message_id) from exc
+
+    async def post_result(self, job: StoredJob, picture: Picture, caption: str, status: MessageRef | None) -> MessageRef:
+        channel = await self._channel(job.origin.channel_id)
+        limit = self._upload_limit(job)
+        data, ext = await asyncio.to_thread(fit_image_blocking, picture.png, limit)
+        if ext != "png":
+            log.info("job %s: PNG of %d bytes re-encoded to %s of %d bytes to fit %d", job.id, len(picture.png), ext,
+                     len(data), limit)
+        file = discord.File(io.BytesIO(data), filename=f"{job.id}.{ext}")
+        message = await channel.send(messages.fit_text(caption, MESSAGE_LIMIT), file=file,
+                                     allowed_mentions=_requester_only(job))
+        self._upload_limits.pop(job.id, None)
+        return MessageRef(str(channel.id), str(message.id))
+
+    async def add_reactions(self, job: StoredJob, ref: MessageRef, emojis: Sequence[str]) -> None:
+        message = (await self._channel(ref.channel_id)).get_partial_message(int(ref.message_id))
+        for emoji in emojis:
+            await message.add_reaction(emoji)
+
+    async def retire_status(self, job: StoredJob, ref: MessageRef) -> None:
+        """The result replaces the status message: one message per image in the channel."""
+        message = (await self._channel(ref.channel_id)).get_partial_message(int(ref.message_id))
+        try:
+            await message.delete()
+        except discord.NotFound:
+            pass
+
+    def _upload_limit(self, job: StoredJob) -> int:
+        limit = self._upload_limits.get(job.id)
+        if limit is None:  # a job from before a restart: the guild's limit, if the channel is known
+            channel = self._client.get_channel(int(job.origin.channel_id))
+            guild = getattr(channel, "guild", None)
+            limit = guild.filesize_limit if guild is not None else DEFAULT_UPLOAD_LIMIT
+        cap = self._settings.max_upload_bytes
+        return min(limit, cap) if cap else limit
+
+
+def _requester_only(job: StoredJob) -> discord.AllowedMentions:
+    return pinging(job.requester.user_id) if job.requester.platform == PLATFORM else NOBODY
+
+
+# -- `promptpics sync-commands` ------------------------------------------------------------------
+
+
+async def sync_commands(config: Config, settings: DiscordSettings, guild_id: int | None) -> tuple[list[str], int]:
+    """Register the slash commands (globally, or in one guild: instant, for testing).
+    Returns the command names and the application id. HTTP only: no gateway connection."""
+    if not settings.token:
+        raise RuntimeError("DISCORD_TOKEN is not set")
+    point_at(settings)
+    client = PromptPicsClient(config)
+    async with client:
+        await client.login(settings.token)
+        guild = discord.Object(id=guild_id) if guild_id else None
+        if guild is not None:
+            client.tree.copy_global_to(guild=guild)
+        synced = await client.tree.sync(guild=guild)
+        assert client.application_id is not None
+        return [c.name for c in synced], client.application_id

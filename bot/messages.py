@@ -1,0 +1,273 @@
+"""Every sentence a chat user can see, as pure builders: data in, text out, nothing sent.
+
+The text uses only what Discord, Slack and a terminal all show sensibly: plain lines,
+`code` spans, "> " quotes and ``<@id>`` mentions (the same syntax on Discord and Slack; the
+console passes an empty mention). Adapters cut the text to their platform's length limit
+with ``fit_text``.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+from engine import EngineError, GenerationParams, QueueEntry, Timings
+from engine.history import ModelStats, StoredJob
+
+log = logging.getLogger(__name__)
+
+PROMPT_PREVIEW = 300  # characters of the prompt quoted in a status message
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+def describe_error(exc: BaseException, job_id: str | None = None) -> str:
+    """The sentence a user sees for ``exc``. An EngineError carries its own; anything else is
+    logged with its traceback under a short reference and the user gets only that reference."""
+    if isinstance(exc, EngineError):
+        return exc.user_message
+    ref = job_id or f"ref {secrets.token_hex(3)}"
+    log.error("unexpected error (%s)", ref, exc_info=exc)
+    what = f"job `{job_id}`" if job_id else f"`{ref}`"
+    return f"Sorry, something went wrong ({what}). The admin can find the details in the log."
+
+
+# -- small pieces --------------------------------------------------------------------------------
+
+
+def fit_text(text: str, limit: int) -> str:
+    """Cut ``text`` to ``limit`` characters at a line break where possible, saying so."""
+    if len(text) <= limit:
+        return text
+    marker = "\n… (cut to fit)"
+    room = max(limit - len(marker), 0)
+    cut = text.rfind("\n", 0, room)
+    return text[: cut if cut > room // 2 else room] + marker
+
+
+def duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60)} min"
+
+
+def clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def quote(prompt: str, limit: int = PROMPT_PREVIEW) -> str:
+    return "> " + clip(prompt, limit)
+
+
+def _who(mention: str) -> str:
+    return f"{mention} " if mention else ""
+
+
+def settings_line(p: GenerationParams, model_name: str) -> str:
+    parts = [model_name, f"seed {p.seed}", f"{p.steps} steps", f"guidance {p.guidance:g}", f"{p.width}×{p.height}"]
+    return " · ".join(parts)
+
+
+# -- a job's status message ----------------------------------------------------------------------
+
+
+def status_queued(*, job_id: str, mention: str, params: GenerationParams, model_name: str, position: int,
+                  eta_s: float | None, resumed: bool = False) -> str:
+    where = "next in line" if position <= 1 else f"queued #{position}"
+    head = f"🕒 {_who(mention)}{where}"
+    if resumed:
+        head = f"🕒 {_who(mention)}back after a restart: {where}"
+    if eta_s is not None:
+        head += f" · ETA ~{duration(eta_s)}"
+    return "\n".join([head, routing_line(params, model_name), quote(params.prompt), f"job `{job_id}`"])
+
+
+def routing_line(params: GenerationParams, model_name: str) -> str:
+    reason = params.route_reason or "the default model"
+    if reason.startswith("you chose"):
+        return f"model: {model_name}, as you asked"
+    if "->" in reason:  # the router's own sentence already names the model: "text to render -> HiDream-I1"
+        return f"routed: {reason}"
+    return f"routed to {model_name}: {reason}"
+
+
+def status_running(*, job_id: str, mention: str, params: GenerationParams, model_name: str, step: int = 0,
+                   total: int = 0, elapsed_s: float | None = None) -> str:
+    if total:
+        filled = 10 * step // max(total, 1)
+        progress = f"`{'█' * filled}{'░' * (10 - filled)}` step {step}/{total}"
+    else:
+        progress = "loading the model…"
+    if elapsed_s is not None:
+        progress += f" · {duration(elapsed_s)}"
+    return "\n".join([f"🎨 {_who(mention)}rendering on {model_name}", progress, quote(params.prompt),
+                      f"job `{job_id}`"])
+
+
+def status_failed(*, job_id: str, mention: str, message: str) -> str:
+    return f"⚠️ {_who(mention)}{message}\njob `{job_id}`"
+
+
+def status_stopped(*, job_id: str, mention: str, message: str) -> str:
+    return f"⏸️ {_who(mention)}{message}\njob `{job_id}`"
+
+
+def status_cancelled(*, job_id: str, mention: str) -> str:
+    return f"🚫 {_who(mention)}cancelled.\njob `{job_id}`"
+
+
+def caption(*, job_id: str, mention: str, params: GenerationParams, model_name: str, timings: Timings,
+            notice: str = "") -> str:
+    """The text under a finished image: prompt, model, seed, steps, guidance, size, time; and the
+    safety loop's notice when it changed the prompt or the model."""
+    lines = [_who(mention) + clip(params.prompt, 1000)]
+    if params.negative_prompt:
+        lines.append(f"not: {params.negative_prompt}")
+    if notice:
+        lines.append(f"ℹ️ {notice}")
+    lines.append(f"{settings_line(params, model_name)} · {duration(timings.total_s)} · job `{job_id}`")
+    return "\n".join(lines)
+
+
+def reaction_hint(regenerate: str, cancel: str, model_emojis: Mapping[str, str]) -> str:
+    models = ", ".join(f"{e} {name}" for name, e in model_emojis.items())
+    return f"React {regenerate} for a new seed, {cancel} to delete" + (f", or switch model: {models}" if models else "")
+
+
+# -- replies to commands -------------------------------------------------------------------------
+
+
+def imagine_ack(*, job_id: str, position: int, where: str = "here") -> str:
+    place = "next in line" if position <= 1 else f"queued #{position}"
+    return f"Got it: job `{job_id}` is {place}. Progress and the image will appear {where}."
+
+
+def missing_permissions(names: Sequence[str]) -> str:
+    return (f"I can't post images in this channel: I am missing {', '.join(names)}. "
+            "Please ask a server admin to allow these for me here.")
+
+
+def admin_only(command: str) -> str:
+    return f"Sorry, `/{command}` is for the bot's admins."
+
+
+def not_yours(job_id: str, action: str) -> str:
+    return f"Only the person who asked for job `{job_id}` or an admin can {action} it."
+
+
+def cooldown(*, wait_s: float, every_s: float) -> str:
+    return (f"Please wait {duration(max(wait_s, 0.1))} before your next image "
+            f"(one image every {duration(every_s)} per person).")
+
+
+def unknown_job(job_id: str) -> str:
+    return f"There is no job `{job_id}` in the history."
+
+
+def not_your_platform(job_id: str) -> str:
+    return f"Job `{job_id}` was made elsewhere; only an admin can look at it from here."
+
+
+def job_not_active(job_id: str, status: str) -> str:
+    return f"Job `{job_id}` has already {status}; there is nothing to cancel."
+
+
+def cancelled(job_id: str) -> str:
+    return f"Cancelled job `{job_id}`."
+
+
+def preload_done(model_name: str, seconds: float) -> str:
+    if seconds <= 0:
+        return f"{model_name} was already loaded."
+    return f"{model_name} is loaded ({duration(seconds)})."
+
+
+def unload_done(model_name: str, was_loaded: bool) -> str:
+    return f"{model_name} is unloaded." if was_loaded else f"{model_name} was not loaded."
+
+
+def models_reply(rows: Sequence[Mapping[str, Any]]) -> str:
+    lines = ["Models:"]
+    for r in rows:
+        state = "not loaded"
+        if r.get("loaded"):
+            state = f"loaded ({r.get('placement') or 'ready'}, {r.get('memory_mb') or 0:,.0f} MB)"
+        lines.append(f"{r.get('emoji') or '•'} `{r['id']}` {r['display_name']}: {state}; good at {r.get('good_at') or '-'}; "
+                     f"steps {r['steps']}, guidance {r['guidance']:g}; weights {r.get('weights', '?')}")
+    return "\n".join(lines)
+
+
+def queue_reply(entries: Sequence[QueueEntry], etas: Mapping[str, float | None]) -> str:
+    if not entries:
+        return "The queue is empty."
+    lines = [f"{len(entries)} job(s):"]
+    for e in entries:
+        where = "running" if e.position == 0 else f"#{e.position}"
+        eta = etas.get(e.job_id)
+        eta_text = f", ETA ~{duration(eta)}" if eta is not None and e.position > 0 else ""
+        lines.append(f"{where} `{e.job_id}` {e.model_id} for {e.user}, waited {duration(e.waited_s)}{eta_text}")
+    return "\n".join(lines)
+
+
+def stats_reply(stats: Iterable[ModelStats]) -> str:
+    lines = []
+    for s in stats:
+        mean = "-" if s.mean_generate_s is None else duration(s.mean_generate_s)
+        p95 = "-" if s.p95_generate_s is None else duration(s.p95_generate_s)
+        lines.append(f"`{s.model_id}`: {s.count} job(s), {s.succeeded} ok, {s.failed} failed; "
+                     f"generate mean {mean}, p95 {p95}; flagged nsfw {s.nsfw_flagged}, black {s.black_flagged}; "
+                     f"fixed by rewrite {s.fixed_by_rewrite}")
+    return "Per model:\n" + "\n".join(lines) if lines else "No jobs yet."
+
+
+def history_reply(jobs: Sequence[StoredJob]) -> str:
+    if not jobs:
+        return "You have no jobs yet. Try `/imagine`."
+    lines = ["Your recent jobs:"]
+    for j in jobs:
+        when = datetime.fromtimestamp(j.created_at, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        prompt = j.params.prompt if len(j.params.prompt) <= 60 else j.params.prompt[:59] + "…"
+        lines.append(f"`{j.id}` {when} {j.status.value} on {j.params.model_id}: {prompt}")
+    return "\n".join(lines)
+
+
+def show_reply(job: StoredJob, model_name: str) -> str:
+    p, t = job.params, job.timings
+    lines = [f"Job `{job.id}`: {job.status.value}", quote(p.prompt, 1000)]
+    if p.negative_prompt:
+        lines.append(f"not: {p.negative_prompt}")
+    lines.append(settings_line(p, model_name))
+    lines.append(routing_line(p, model_name))
+    lines.append(f"asked by {job.requester.display_name or job.requester.user_id} on {job.requester.platform}")
+    if job.status.is_final:
+        lines.append(f"waited {duration(t.queue_wait_s)}, loaded {duration(t.load_s)}, "
+                     f"generated {duration(t.generate_s)}, total {duration(t.total_s)}")
+    if job.error_message:
+        lines.append(f"outcome: {job.error_message}")
+    elif job.status.value == "succeeded" and job.image_path is None:
+        lines.append("The image was deleted by the retention policy.")
+    return "\n".join(lines)
+
+
+# -- text options (console, Slack) --------------------------------------------------------------
+
+
+def option_error(problem: str, usage: str) -> str:
+    return f"{problem}\n{usage}"
+
+
+def help_text(entries: Iterable[tuple[str, str, bool]], is_admin: bool) -> str:
+    lines = ["Commands:"]
+    for usage, summary, admin in entries:
+        if admin and not is_admin:
+            continue
+        lines.append(f"{usage}: {summary}" + (" (admins)" if admin else ""))
+    return "\n".join(lines)

@@ -1,0 +1,462 @@
+"""The platform-neutral parts: text options, admins, cooldowns, reactions, ETA, messages, settings,
+image fitting, and the delivery's throttle. No platform and no model: a fake engine at the seam."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import logging
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from bot import messages
+from bot.commands import (
+    Actor,
+    AdminPolicy,
+    Commands,
+    EtaBook,
+    ImagineOptions,
+    OptionError,
+    Reply,
+    Submitted,
+    parse_imagine_text,
+)
+from bot.delivery import Delivery, MessageGone, MessageRef, Picture, fit_image_blocking
+from bot.settings import BotSettings, load_settings, parse_bot_settings, parse_discord_settings
+from engine import (
+    Config,
+    ConfigError,
+    EngineError,
+    GenerationParams,
+    JobFinished,
+    JobProgressed,
+    JobQueued,
+    JobRequest,
+    JobResult,
+    JobStarted,
+    JobStatus,
+    Origin,
+    QueueEntry,
+    RequestError,
+    Requester,
+    Timings,
+)
+from engine.config import parse_config
+from engine.history import HistoryStore, ModelStats, StoredJob
+from tests.conftest import REPO, repo_config_raw
+
+ALICE = Actor("chat", "alice", "Alice")
+BOB = Actor("chat", "bob", "Bob")
+BOSS = Actor("chat", "boss", "Boss", role_ids=frozenset({"mods"}))
+HERE = Origin("chat", "room-1")
+
+
+@pytest.fixture(scope="module")
+def config() -> Config:
+    return parse_config(repo_config_raw(), {}, base_dir=REPO)
+
+
+# -- text options --------------------------------------------------------------------------------
+
+
+def test_text_options_take_flags_anywhere_and_many_words_after_no() -> None:
+    options = parse_imagine_text('a neon fox --steps 4 in the rain --size 512x768 --no blur, text —seed 7 '
+                                 '--model realvis_xl --guidance=5.5')
+    assert options == ImagineOptions(prompt="a neon fox in the rain", model="realvis_xl", negative="blur, text",
+                                     steps=4, guidance=5.5, width=512, height=768, seed=7)
+    assert parse_imagine_text('"a cat\'s hat" --width 300') == ImagineOptions("a cat's hat", width=300)
+    assert parse_imagine_text("a well-known -- dash") == ImagineOptions("a well-known -- dash")
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("a fox --stepz 4", "`--stepz` is not an option I know."),
+    ("a fox --steps", "`--steps` needs a value: --steps N (whole number)."),
+    ("a fox --steps four", "`--steps` is 'four', but it must be a whole number."),
+    ("a fox --guidance high", "`--guidance` is 'high', but it must be a number."),
+    ("a fox --size 512", "`--size` is '512', but it must look like 512x768."),
+    ("a fox --seed 1 --seed 2", "`--seed` is given twice."),
+])
+def test_unreadable_text_options_say_which_and_why(text: str, problem: str) -> None:
+    with pytest.raises(OptionError) as caught:
+        parse_imagine_text(text)
+    assert str(caught.value) == problem
+
+
+# -- a fake engine at the seam -------------------------------------------------------------------
+
+
+@dataclass
+class FakeHandle:
+    id: str
+    position: int
+
+
+@dataclass
+class FakeEngine:
+    """What Commands and Delivery use of the Engine; submissions are recorded, not run."""
+
+    config: Config
+    history: HistoryStore
+    submitted: list[JobRequest] = field(default_factory=list)
+    statuses: dict[str, JobStatus] = field(default_factory=dict)
+    cancelled: list[str] = field(default_factory=list)
+    snapshot: list[QueueEntry] = field(default_factory=list)
+    subscribers: list[asyncio.Queue[Any]] = field(default_factory=list)
+
+    async def submit(self, request: JobRequest) -> FakeHandle:
+        if request.steps == 0:
+            raise RequestError("steps", 0, "it must be a whole number from 1 to 50")
+        self.submitted.append(request)
+        return FakeHandle(f"job{len(self.submitted):03d}", len(self.submitted))
+
+    def status(self, job_id: str) -> JobStatus | None:
+        return self.statuses.get(job_id)
+
+    async def cancel(self, job_id: str) -> bool:
+        self.cancelled.append(job_id)
+        return True
+
+    def queue_snapshot(self) -> list[QueueEntry]:
+        return list(self.snapshot)
+
+    def resident_models(self) -> tuple[()]:
+        return ()
+
+    def subscribe(self) -> asyncio.Queue[Any]:
+        self.subscribers.append(asyncio.Queue())
+        return self.subscribers[-1]
+
+    def unsubscribe(self, q: asyncio.Queue[Any]) -> None:
+        self.subscribers.remove(q)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def history(tmp_path: Path) -> Any:
+    async with HistoryStore.open(tmp_path / "data") as store:
+        yield store
+
+
+def make_commands(config: Config, history: HistoryStore, clock: Clock | None = None, **bot: Any) -> Commands:
+    engine = FakeEngine(config, history)
+    admins = {"chat": AdminPolicy(user_ids=frozenset({"root"}), role_ids=frozenset({"mods"}))}
+    return Commands(engine, BotSettings(**bot), admins, EtaBook(), clock=clock or Clock())  # type: ignore[arg-type]
+
+
+PARAMS = GenerationParams(prompt="a castle", negative_prompt="fog", model_id="flux_dev", steps=24, guidance=4.5,
+                          width=512, height=512, seed=7, route_reason="the default model")
+
+
+async def stored(history: HistoryStore, requester: Actor = ALICE, params: GenerationParams = PARAMS) -> StoredJob:
+    return await history.record_queued(requester=requester.requester, origin=HERE, model_asked=None, params=params,
+                                       created_at=time.time())
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+async def test_cooldown_names_the_wait_and_spares_admins(config: Config, history: HistoryStore) -> None:
+    clock = Clock()
+    commands = make_commands(config, history, clock, cooldown_s=30)
+    assert isinstance(await commands.imagine(ALICE, ImagineOptions("a fox"), HERE), Submitted)
+    clock.now += 12
+    refused = await commands.imagine(ALICE, ImagineOptions("a fox"), HERE)
+    assert refused == Reply("Please wait 18 s before your next image (one image every 30 s per person).", ok=False)
+    assert isinstance(await commands.imagine(BOB, ImagineOptions("a fox"), HERE), Submitted)  # per person
+    for _ in range(3):
+        assert isinstance(await commands.imagine(BOSS, ImagineOptions("a fox"), HERE), Submitted)  # admins: none
+    clock.now += 18
+    assert isinstance(await commands.imagine(ALICE, ImagineOptions("a fox"), HERE), Submitted)
+    assert len(commands.engine.submitted) == 6
+
+
+async def test_a_refused_request_costs_no_cooldown_and_carries_the_engines_sentence(config: Config,
+                                                                                     history: HistoryStore) -> None:
+    commands = make_commands(config, history, cooldown_s=30)
+    refused = await commands.imagine(ALICE, ImagineOptions("a fox", steps=0), HERE)
+    assert refused == Reply("`steps` is 0, but it must be a whole number from 1 to 50", ok=False)
+    assert isinstance(await commands.imagine(ALICE, ImagineOptions("a fox"), HERE), Submitted)
+    (request,) = commands.engine.submitted
+    assert request.requester == Requester("chat", "alice", "Alice") and request.origin == HERE
+
+
+async def test_adult_images_follow_the_channel_flag_or_the_safety_allow_list(config: Config,
+                                                                           history: HistoryStore) -> None:
+    allow = dataclasses.replace(config, safety=dataclasses.replace(config.safety, nsfw_allowed_channels=("chat:room-9",)))
+    commands = make_commands(allow, history, cooldown_s=0)
+    await commands.imagine(ALICE, ImagineOptions("a fox"), HERE)
+    await commands.imagine(ALICE, ImagineOptions("a fox"), HERE, adult_channel=True)
+    await commands.imagine(ALICE, ImagineOptions("a fox"), Origin("chat", "room-9"))
+    assert [r.nsfw_allowed for r in commands.engine.submitted] == [False, True, True]
+
+
+async def test_admins_are_listed_users_or_holders_of_a_listed_role(config: Config, history: HistoryStore) -> None:
+    commands = make_commands(config, history)
+    root = Actor("chat", "root")
+    assert [commands.is_admin(a) for a in (ALICE, BOSS, root, Actor("other", "root"))] == [False, True, True, False]
+    for command in ("queue", "stats", "models"):
+        assert await getattr(commands, command)(ALICE) == Reply(f"Sorry, `/{command}` is for the bot's admins.", ok=False)
+    assert (await commands.preload(ALICE, "flux_dev")).text == "Sorry, `/preload` is for the bot's admins."
+
+
+async def test_reactions_regenerate_switch_and_cancel(config: Config, history: HistoryStore) -> None:
+    commands = make_commands(config, history, cooldown_s=0)
+    job = await stored(history)
+    here = Origin("chat", "room-1", message_ref="msg-9")
+    assert await commands.react(BOB, job, "👍", here) is None  # not ours
+    await commands.react(BOB, job, "🔁", here)
+    await commands.react(BOB, job, "📷\ufe0f", here)  # with the variation selector some clients add
+    regenerate, switch = commands.engine.submitted
+    assert (regenerate.model, regenerate.steps, regenerate.guidance, regenerate.seed) == ("flux_dev", 24, 4.5, None)
+    assert (switch.model, switch.steps, switch.guidance, switch.seed) == ("realvis_xl", None, None, 7)
+    assert all(r.prompt == "a castle" and r.negative_prompt == "fog" and r.width == 512 and r.origin == here
+               and r.requester.user_id == "bob" for r in (regenerate, switch))
+
+    commands.engine.statuses[job.id] = JobStatus.RUNNING
+    refused = await commands.react(BOB, job, "❌", here)
+    assert refused == Reply(f"Only the person who asked for job `{job.id}` or an admin can cancel it.", ok=False)
+    assert await commands.react(ALICE, job, "❌", here) == Reply("")
+    assert await commands.react(BOSS, job, "❌", here) == Reply("")
+    assert commands.engine.cancelled == [job.id, job.id]
+
+    await history.record_cancelled(job.id, finished_at=time.time())
+    finished = await history.get_job(job.id)
+    commands.engine.statuses.pop(job.id)
+    assert await commands.react(ALICE, finished, "❌", here) == Reply("", delete_target=True)
+    assert (await commands.react(BOB, finished, "❌", here)).text.endswith("can delete it.")
+
+
+async def test_show_keeps_other_platforms_jobs_to_admins(config: Config, history: HistoryStore) -> None:
+    commands = make_commands(config, history)
+    job = await stored(history, requester=Actor("slack", "U1"))
+    assert (await commands.show(ALICE, job.id)) == Reply(messages.not_your_platform(job.id), ok=False)
+    shown = await commands.show(BOSS, f" {job.id.upper()} ")
+    assert shown.ok and shown.text.startswith(f"Job `{job.id}`: queued") and "seed 7" in shown.text
+
+
+# -- ETA, errors, text ---------------------------------------------------------------------------
+
+
+def test_eta_adds_up_the_jobs_ahead_and_gives_up_on_unknown_models() -> None:
+    eta = EtaBook()
+    eta.seed([ModelStats("flux_dev", 3, 3, 0, 10.0, 12.0, 0, 0, 0)])
+    eta.observe("realvis_xl", 4.0)
+    entries = [QueueEntry("a", 0, "flux_dev", "u", JobStatus.RUNNING, 1.0),
+               QueueEntry("b", 1, "realvis_xl", "u", JobStatus.QUEUED, 1.0),
+               QueueEntry("c", 2, "sd3_medium", "u", JobStatus.QUEUED, 1.0),
+               QueueEntry("d", 3, "flux_dev", "u", JobStatus.QUEUED, 1.0)]
+    assert eta.finish_times(entries) == {"a": 5.0, "b": 9.0, "c": None, "d": None}
+    eta.observe("realvis_xl", 14.0)
+    assert eta.estimate("realvis_xl") == pytest.approx(7.0)
+
+
+def test_describe_error_shows_a_sentence_never_a_path_and_logs_the_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    assert messages.describe_error(RequestError("steps", 0, "it must be a whole number from 1 to 50")) == \
+        "`steps` is 0, but it must be a whole number from 1 to 50"
+    try:
+        open("/secret/path/token.txt")  # noqa: SIM115 - the failure is the point
+    except OSError as exc:
+        error = exc
+    with caplog.at_level(logging.ERROR):
+        text = messages.describe_error(error, job_id="k7mq2x")
+    assert text == "Sorry, something went wrong (job `k7mq2x`). The admin can find the details in the log."
+    assert "/secret" not in text and "Traceback" not in text
+    assert "k7mq2x" in caplog.text and caplog.records[-1].exc_info is not None
+    anonymous = messages.describe_error(ValueError("x"))
+    assert anonymous.startswith("Sorry, something went wrong (`ref ") and "x" not in anonymous.split("`")[2]
+
+
+def test_fit_text_cuts_at_a_line_and_says_so() -> None:
+    text = "\n".join(f"line {i}" for i in range(500))
+    cut = messages.fit_text(text, 200)
+    assert len(cut) <= 200 and cut.endswith("… (cut to fit)") and "\nline 1\n" in cut
+    assert messages.fit_text("short", 200) == "short"
+
+
+def test_an_image_too_big_for_the_limit_is_reencoded_smaller() -> None:
+    rng = random.Random(1)
+    image = Image.frombytes("RGB", (256, 256), bytes(rng.randrange(256) for _ in range(256 * 256 * 3)))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    png = buffer.getvalue()
+    assert fit_image_blocking(png, len(png)) == (png, "png")
+    data, ext = fit_image_blocking(png, 20_000)
+    assert len(png) > 150_000 and len(data) <= 20_000 and ext in ("webp", "jpg")
+    assert Image.open(io.BytesIO(data)).format in ("WEBP", "JPEG")
+
+
+# -- settings ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("table", "raw", "key", "rule"), [
+    ("bot", {"cooldown": 3}, "bot.cooldown", "it is not a known key here"),
+    ("bot", {"cooldown_s": -1}, "bot.cooldown_s", "it must be at least 0"),
+    ("bot", {"regenerate_emoji": "🎨"}, "bot.regenerate_emoji", "it must differ from every model's emoji"),
+    ("discord", {"admin_user_ids": ["alice"]}, "discord.admin_user_ids", "each entry must be a Discord id"),
+    ("discord", {"admin_role_ids": "123"}, "discord.admin_role_ids", "it must be a list of Discord ids"),
+    ("discord", {"api_base": "discord.com"}, "discord.api_base", "it must be a URL starting with http:// or https://"),
+])
+def test_bad_bot_settings_name_the_key_value_and_rule(config: Config, table: str, raw: dict[str, Any], key: str,
+                                                      rule: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_bot_settings(raw, config) if table == "bot" else parse_discord_settings(raw, {})
+    assert caught.value.key == key and rule in caught.value.rule
+
+
+def test_tokens_come_from_the_environment_and_are_never_shown(config: Config) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_discord_settings({"token": "sekrit-token"}, {})
+    assert "sekrit" not in caught.value.user_message and "DISCORD_TOKEN" in caught.value.user_message
+    with pytest.raises(ConfigError) as caught:
+        parse_discord_settings({}, {"DISCORD_TOKEN": "abc def"})
+    assert "abc" not in caught.value.user_message
+    env = {"DISCORD_TOKEN": " tok.en \n", "DISCORD_API_BASE": "http://127.0.0.1:9/api/v10/",
+           "DISCORD_GATEWAY_URL": "ws://127.0.0.1:9/gw"}
+    settings = parse_discord_settings({"admin_user_ids": [123, "456"]}, env)
+    assert settings.token == "tok.en" and "tok.en" not in repr(settings)
+    assert (settings.api_base, settings.gateway_url) == ("http://127.0.0.1:9/api/v10", "ws://127.0.0.1:9/gw")
+    assert settings.admin_user_ids == frozenset({"123", "456"})
+    assert load_settings(config, {}).platforms_with_tokens == []
+
+
+def test_the_shipped_config_toml_has_valid_bot_settings(config: Config) -> None:
+    settings = load_settings(config, os.environ | {"DISCORD_TOKEN": "x"})
+    assert settings.bot.regenerate_emoji == "🔁" and settings.platforms_with_tokens == ["discord"]
+
+
+# -- delivery ------------------------------------------------------------------------------------
+
+
+async def eventually(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "the condition never came true"
+        await asyncio.sleep(0.01)
+
+
+@dataclass
+class RecordingOutlet:
+    platform: str = "chat"
+    progress_interval_s: float | None = None
+    calls: list[tuple[float, str, str]] = field(default_factory=list)
+    gone: set[str] = field(default_factory=set)
+
+    def mention(self, user_id: str) -> str:
+        return f"@{user_id}"
+
+    async def post_status(self, job: StoredJob, text: str) -> MessageRef:
+        self.calls.append((time.monotonic(), "post", text))
+        return MessageRef("room-1", f"status-{len(self.calls)}")
+
+    async def edit_status(self, job: StoredJob, ref: MessageRef, text: str) -> None:
+        if ref.message_id in self.gone:
+            raise MessageGone(ref.message_id)
+        self.calls.append((time.monotonic(), "edit", text))
+
+    async def post_result(self, job: StoredJob, picture: Picture, caption: str, status: MessageRef | None) -> MessageRef:
+        self.calls.append((time.monotonic(), "result", caption))
+        return MessageRef("room-1", "result-1")
+
+    async def add_reactions(self, job: StoredJob, ref: MessageRef, emojis: Sequence[str]) -> None:
+        self.calls.append((time.monotonic(), "react", "".join(emojis)))
+
+    async def retire_status(self, job: StoredJob, ref: MessageRef) -> None:
+        self.calls.append((time.monotonic(), "retire", ref.message_id))
+
+
+async def test_progress_edits_are_throttled_and_the_result_is_linked_to_its_message(config: Config,
+                                                                                   history: HistoryStore) -> None:
+    interval = 0.25
+    commands = make_commands(config, history, progress_interval_s=interval)
+    outlet = RecordingOutlet()
+    delivery = Delivery(commands)
+    delivery.add_outlet(outlet)
+    delivery.attach()
+    job = await stored(history)
+    events = commands.engine.subscribers[0]
+    running = asyncio.create_task(delivery.run())
+    events.put_nowait(JobQueued(job.id, 1, PARAMS))
+    events.put_nowait(JobStarted(job.id, "flux_dev"))
+    started = time.monotonic()
+    for step in range(1, 41):  # 40 steps over about a second
+        events.put_nowait(JobProgressed(job.id, step, 40))
+        await asyncio.sleep(0.025)
+    await asyncio.sleep(interval * 3)  # the last step is shown after the pause (trailing edge)
+    result = JobResult(job.id, b"png", PARAMS, 512, 512, Timings(0.0, 0.5, 1.0, 1.6), "/x.png")
+    events.put_nowait(JobFinished(job.id, result))
+    await asyncio.wait_for(delivery.settled(job.id), 10)
+    running.cancel()
+
+    kinds = [kind for _, kind, _ in outlet.calls]
+    assert kinds[:2] == ["post", "react"] and kinds[-3:] == ["result", "react", "retire"]
+    edits = [(t, text) for t, kind, text in outlet.calls if kind == "edit"]
+    gaps = [b[0] - a[0] for a, b in zip(edits, edits[1:])]
+    assert all(gap >= interval - 0.01 for gap in gaps), gaps  # never more than one edit per interval
+    assert 3 <= len(edits) <= (time.monotonic() - started) / interval + 1
+    assert "step 40/40" in edits[-1][1]
+    assert [(d.kind, d.message_id) for d in await history.deliveries(job.id)] == [("status", "status-1"),
+                                                                                  ("result", "result-1")]
+    assert outlet.calls[-2][2] == "🔁📷🧩🔤❌"  # the other models' emojis, not flux's own 🎨
+
+
+async def test_a_deleted_status_message_is_posted_again(config: Config, history: HistoryStore) -> None:
+    commands = make_commands(config, history, progress_interval_s=0)
+    outlet = RecordingOutlet(gone={"status-1"})
+    delivery = Delivery(commands)
+    delivery.add_outlet(outlet)
+    delivery.attach()
+    job = await stored(history)
+    events = commands.engine.subscribers[0]
+    running = asyncio.create_task(delivery.run())
+    for event in (JobQueued(job.id, 1, PARAMS), JobStarted(job.id, "flux_dev"),
+                  JobFinished(job.id, JobResult(job.id, b"png", PARAMS, 1, 1, Timings(), None))):
+        events.put_nowait(event)
+    await asyncio.wait_for(delivery.settled(job.id), 10)
+    running.cancel()
+    assert [kind for _, kind, _ in outlet.calls] == ["post", "react", "post", "react", "result", "react", "retire"]
+    assert [d.message_id for d in await history.deliveries(job.id) if d.kind == "status"] == ["status-1", "status-3"]
+
+
+async def test_a_waiting_jobs_status_follows_its_place_in_the_queue(config: Config, history: HistoryStore) -> None:
+    commands = make_commands(config, history, progress_interval_s=0)
+    outlet = RecordingOutlet()
+    delivery = Delivery(commands)
+    delivery.add_outlet(outlet)
+    delivery.attach()
+    first, second = await stored(history), await stored(history)
+    engine, events = commands.engine, commands.engine.subscribers[0]
+    running = asyncio.create_task(delivery.run())
+    events.put_nowait(JobQueued(first.id, 1, PARAMS))
+    events.put_nowait(JobQueued(second.id, 2, PARAMS))
+
+    def texts() -> list[str]:
+        return [text for _, kind, text in outlet.calls if kind in ("post", "edit") and f"job `{second.id}`" in text]
+
+    await eventually(lambda: texts())
+    engine.snapshot = [QueueEntry(first.id, 0, "flux_dev", "alice", JobStatus.RUNNING, 1.0),
+                       QueueEntry(second.id, 1, "flux_dev", "alice", JobStatus.QUEUED, 1.0)]
+    events.put_nowait(JobStarted(first.id, "flux_dev"))
+    await eventually(lambda: len(texts()) == 2)
+    running.cancel()
+    assert texts()[0].startswith("🕒 @alice queued #2")
+    assert texts()[1].startswith("🕒 @alice next in line")
+
+
+def test_engine_errors_keep_their_sentence() -> None:
+    assert messages.describe_error(EngineError("The queue is full.")) == "The queue is full."

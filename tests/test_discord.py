@@ -1,0 +1,453 @@
+"""The Discord adapter end to end: the real discord.py client against a fake Discord on
+127.0.0.1, the real engine on tiny models, a real SQLite history under tmp_path."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import discord
+import pytest
+from discord.gateway import DiscordWebSocket
+from PIL import Image
+
+from bot.cli_bot import BotCore, admin_policies, build_core, cmd_sync_commands, serve, serve_apps
+from bot.discord_app import DiscordApp, sync_commands
+from bot.settings import BotSettings, DiscordSettings, Settings
+from engine import Config, Engine, GenerationParams, JobRequest, JobStatus, Origin, Requester
+from engine.history import HistoryStore
+from engine.images import read_png_metadata
+from tests.conftest import REPO, make_tiny_config
+from tests.fake_discord import (
+    ADMIN,
+    ADMIN_ROLE_ID,
+    ALICE,
+    BOB,
+    BOT_TOKEN,
+    CHANNEL_ID,
+    GUILD_ID,
+    OTHER_CHANNEL_ID,
+    FakeDiscord,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+SMALL = {"steps": 2, "width": 64, "height": 64}
+JOB_ID = re.compile(r"job `([a-z0-9]{6})`")
+
+
+@pytest.fixture
+async def fake(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeDiscord]:
+    # point_at() sets these class attributes of discord.py; put them back after each test.
+    monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)
+    monkeypatch.setattr(DiscordWebSocket, "DEFAULT_GATEWAY", DiscordWebSocket.DEFAULT_GATEWAY)
+    server = await FakeDiscord().start()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+def config(tiny_models: Any, tmp_path: Path) -> Config:
+    return make_tiny_config(tiny_models, tmp_path / "data")
+
+
+def settings_for(fake: FakeDiscord, **bot: Any) -> Settings:
+    return Settings(
+        bot=BotSettings(**{"cooldown_s": 0.0, "progress_interval_s": 0.0, **bot}),
+        discord=DiscordSettings(token=BOT_TOKEN, api_base=fake.api_base, gateway_url=fake.gateway_url,
+                                admin_user_ids=frozenset({str(ADMIN)}), admin_role_ids=frozenset({str(ADMIN_ROLE_ID)})),
+    )
+
+
+@dataclass
+class Running:
+    core: BotCore
+    app: DiscordApp
+    fake: FakeDiscord
+
+    async def reply_to(self, interaction: dict[str, Any]) -> dict[str, Any]:
+        """The (one) followup the bot sent for ``interaction``."""
+        found = await self.fake.wait_for(lambda: self.fake.followups(interaction))
+        return found[0]
+
+    async def result_of(self, job_id: str, channel_id: int = CHANNEL_ID) -> dict[str, Any]:
+        """The message with ``job_id``'s image, once its reactions are on and its status is gone."""
+        def done() -> dict[str, Any] | None:
+            for m in self.fake.channel_messages(channel_id, with_files=True):
+                if f"job `{job_id}`" in m["content"] and "❌" in self.fake.reactions.get(int(m["id"]), []):
+                    statuses = self.fake.channel_messages(channel_id, with_files=False)
+                    if not any(f"job `{job_id}`" in s["content"] for s in statuses if not s["webhook"]):
+                        return m
+            return None
+
+        return await self.fake.wait_for(done)
+
+    async def history_rows(self) -> list[Any]:
+        return await self.core.engine.history.recent_jobs(limit=100)
+
+
+@contextlib.asynccontextmanager
+async def bot(fake: FakeDiscord, config: Config, **bot_settings: Any) -> AsyncIterator[Running]:
+    """The bot as `promptpics run` builds it (same core, same shutdown), serving the fake."""
+    settings = settings_for(fake, **bot_settings)
+    core = build_core(config, settings, admin_policies(settings))
+    app = DiscordApp(core.commands, settings.discord, guild_ready_timeout=0.05)
+    core.delivery.add_outlet(app.outlet)
+    stop = asyncio.Event()
+    async with core.engine:
+        serving = asyncio.create_task(serve_apps(core, [app], stop))
+        await asyncio.wait_for(app.connected.wait(), 30)
+        try:
+            yield Running(core, app, fake)
+        finally:
+            stop.set()
+            await asyncio.wait_for(serving, 30)
+
+
+def job_id_in(text: str) -> str:
+    match = JOB_ID.search(text)
+    assert match, text
+    return match[1]
+
+
+# -- /imagine -------------------------------------------------------------------------------------
+
+
+async def test_imagine_defers_then_edits_a_status_and_posts_the_png_with_reactions(fake: FakeDiscord, config: Config) -> None:
+    async with bot(fake, config) as running:
+        options = {"prompt": "a red fox in the snow", "model": "flux_dev", "negative": "blur", "guidance": 3.5,
+                   "seed": 42, **SMALL}
+        interaction = await fake.slash("imagine", options)
+        ack = await running.reply_to(interaction)
+        job_id = job_id_in(ack["content"])
+        result = await running.result_of(job_id)
+        rows = await running.history_rows()
+
+    # Acknowledged first, privately (a "thinking" defer), then the job id in a private followup.
+    first = next(c for c in fake.calls if interaction["id"] in c.path)
+    assert first.path.endswith("/callback") and first.body == {"type": 5, "data": {"flags": 64}}
+    assert ack["flags"] & 64
+    # The status message went to the channel with the bot token and was edited with progress.
+    status = next(m for m in fake.messages.values() if not m["files"] and not m["webhook"]
+                  and f"job `{job_id}`" in m["content"] and m["edits"])
+    assert status["bot_auth"] and status["deleted"]  # the result replaced it
+    assert "model: FLUX.1-dev, as you asked" in fake.calls_to("POST", f"/channels/{CHANNEL_ID}/messages")[0].body["content"]
+    assert any("step 2/2" in e for e in status["edits"]) and any("step 1/2" in e for e in status["edits"])
+    # The result: a real PNG with the parameters, a caption, our reactions, only the requester mentioned.
+    (name, data), = result["files"].items()
+    assert name == f"{job_id}.png" and result["bot_auth"]
+    image = Image.open(io.BytesIO(data))
+    assert image.format == "PNG" and image.size == (64, 64)
+    assert read_png_metadata(data)["seed"] == 42
+    caption = result["content"]
+    for part in (f"<@{ALICE}>", "a red fox in the snow", "FLUX.1-dev", "seed 42", "2 steps", "guidance 3.5", "64×64",
+                 "not: blur"):
+        assert part in caption
+    assert fake.reactions[int(result["id"])] == ["🔁", "📷", "🧩", "🔤", "❌"]
+    assert result["allowed_mentions"] == {"parse": [], "users": [ALICE]}  # nobody else, whatever the prompt says
+    # The history links the message to the job (reactions rely on it), and nothing synced commands.
+    assert [(r.id, r.status, r.requester.user_id, r.origin.channel_id) for r in rows] == [
+        (job_id, JobStatus.SUCCEEDED, str(ALICE), str(CHANNEL_ID))]
+    assert fake.calls_to("PUT", "/commands") == []
+
+
+async def test_bad_options_get_a_private_reply_and_create_no_job(fake: FakeDiscord, config: Config) -> None:
+    cases = [
+        ({"prompt": "a fox", "steps": 0}, "`steps` is 0, but it must be a whole number from 1 to 50"),
+        ({"prompt": "a fox", "width": -5}, "`width` is -5, but it must be at least 64 pixels"),
+        ({"prompt": "a fox", "model": "dalle"}, "`model` is 'dalle', but it must be 'auto' or one of: flux_dev"),
+        ({"prompt": "   "}, "`prompt` is '   ', but it must not be empty"),
+        ({"prompt": "fox " * 1250}, "`prompt` is '4999 characters', but it must be at most 1000 characters"),
+    ]
+    async with bot(fake, config) as running:
+        for options, sentence in cases:
+            interaction = await fake.slash("imagine", options)
+            reply = await running.reply_to(interaction)
+            assert sentence in reply["content"] and reply["flags"] & 64, (options, reply["content"])
+        assert await running.history_rows() == []
+    assert fake.channel_messages(with_files=False) == [m for m in fake.channel_messages() if m["webhook"]]
+
+
+async def test_a_channel_where_the_bot_cannot_post_images_is_refused_up_front(fake: FakeDiscord, config: Config) -> None:
+    without = (2**41 - 1) & ~discord.Permissions(attach_files=True, add_reactions=True).value
+    async with bot(fake, config) as running:
+        reply = await running.reply_to(await fake.slash("imagine", {"prompt": "a fox"}, app_permissions=without))
+        assert await running.history_rows() == []
+    assert reply["content"].startswith("I can't post images in this channel: I am missing Attach Files, Add Reactions.")
+    assert reply["flags"] & 64
+
+
+async def test_a_job_that_outlives_the_interaction_token_is_delivered_with_the_bot_token(fake: FakeDiscord,
+                                                                                          config: Config) -> None:
+    fake.expire_tokens_after_ack = True  # Discord's 15 minutes, shortened to "after the first reply"
+    async with bot(fake, config) as running:
+        interaction = await fake.slash("imagine", {"prompt": "a lighthouse", **SMALL, "steps": 3})
+        job_id = job_id_in((await running.reply_to(interaction))["content"])
+        result = await running.result_of(job_id)
+    assert result["bot_auth"] and not result["webhook"]
+    webhook_calls = [c for c in fake.calls if "/webhooks/" in c.path]
+    assert len(webhook_calls) == 1 and webhook_calls[0].status == 200  # the ack; never the dead token again
+    assert all(c.status < 400 for c in fake.calls)
+
+
+async def test_an_image_over_the_upload_limit_is_reencoded_to_fit(fake: FakeDiscord, config: Config) -> None:
+    async with bot(fake, config) as running:
+        interaction = await fake.slash("imagine", {"prompt": "static noise", "steps": 1, "width": 256, "height": 256},
+                                       size_limit=4000)
+        job_id = job_id_in((await running.reply_to(interaction))["content"])
+        result = await running.result_of(job_id)
+        stored = (await running.core.engine.history.get_job(job_id)).image_path.read_bytes()
+    (name, data), = result["files"].items()
+    assert len(stored) > 4000  # the PNG really was too big
+    assert len(data) <= 4000 and name.rsplit(".", 1)[1] in ("webp", "jpg")
+    assert Image.open(io.BytesIO(data)).format in ("WEBP", "JPEG")
+
+
+# -- reactions ------------------------------------------------------------------------------------
+
+
+async def test_regenerate_and_switch_model_reactions_work_after_a_restart(fake: FakeDiscord, config: Config) -> None:
+    async with bot(fake, config) as running:
+        interaction = await fake.slash("imagine", {"prompt": "a castle on a hill", "seed": 7, **SMALL})
+        first_id = job_id_in((await running.reply_to(interaction))["content"])
+        original = await running.result_of(first_id)
+
+    # A new client and a new engine on the same data folder: nothing is cached any more.
+    async with bot(fake, config) as running:
+        await fake.react(original["id"], "🔁", user_id=BOB)
+        await fake.react(original["id"], "📷", user_id=BOB)
+        await fake.wait_for(lambda: len(fake.channel_messages(with_files=True)) == 3
+                            and all(len(fake.reactions.get(int(m["id"]), [])) == 5
+                                    for m in fake.channel_messages(with_files=True)))
+        rows = {r.id: r for r in await running.history_rows()}
+
+    assert len(rows) == 3
+    first = rows.pop(first_id)
+    by_model = {r.params.model_id: r for r in rows.values()}
+    regenerated, switched = by_model["flux_dev"], by_model["realvis_xl"]
+    for job in (regenerated, switched):  # linked to the image reacted to, answered where it was
+        assert job.origin == Origin("discord", str(CHANNEL_ID), "", original["id"])
+        assert job.requester.user_id == str(BOB) and job.status is JobStatus.SUCCEEDED
+        assert job.params.prompt == first.params.prompt and (job.params.width, job.params.height) == (64, 64)
+    assert regenerated.params.steps == first.params.steps and regenerated.params.seed != first.params.seed
+    assert switched.params.seed == 7 and switched.params.steps == config.model("realvis_xl").steps
+    # Their status messages were replies to the original image.
+    replies = [m for m in fake.messages.values() if m["reference"] == original["id"]]
+    assert {job_id_in(m["content"]) for m in replies} == {regenerated.id, switched.id}
+
+
+async def test_cancel_reaction_is_refused_for_others_and_deletes_for_the_owner_or_an_admin(fake: FakeDiscord,
+                                                                                           config: Config) -> None:
+    async with bot(fake, config) as running:
+        made = []
+        for prompt in ("first", "second"):
+            interaction = await fake.slash("imagine", {"prompt": prompt, **SMALL})
+            made.append(await running.result_of(job_id_in((await running.reply_to(interaction))["content"])))
+        await fake.react(made[0]["id"], "❌", user_id=BOB)
+        refusal = await fake.wait_for(lambda: [m for m in fake.channel_messages() if m["reference"] == made[0]["id"]])
+        await fake.react(made[0]["id"], "❌", user_id=ALICE)  # the owner
+        await fake.react(made[1]["id"], "❌", user_id=BOB, roles=(ADMIN_ROLE_ID,))  # an admin by role
+        await fake.wait_for(lambda: all(fake.messages[int(m["id"])].get("deleted") for m in made))
+        await fake.react(made[0]["id"], "👍", user_id=ALICE)  # not ours: ignored
+        jobs = await running.history_rows()
+    assert refusal[0]["content"].startswith(f"<@{BOB}> Only the person who asked for job")
+    deletes = fake.calls_to("DELETE", "/messages/")
+    assert [c.path.rsplit("/", 1)[1] for c in deletes if c.path.endswith(tuple(m["id"] for m in made))] == [
+        made[0]["id"], made[1]["id"]]
+    assert {j.status for j in jobs} == {JobStatus.SUCCEEDED}  # the images stay in the history
+
+
+async def test_cancel_reaction_on_a_status_message_cancels_queued_and_running_jobs(fake: FakeDiscord,
+                                                                                   tiny_models: Any, tmp_path: Path) -> None:
+    config = make_tiny_config(tiny_models, tmp_path / "data", max_steps=5000)  # long enough to still be running
+
+    def statuses() -> list[dict[str, Any]]:
+        return [m for m in fake.channel_messages(with_files=False)
+                if not m["webhook"] and "❌" in fake.reactions.get(int(m["id"]), [])]
+
+    async with bot(fake, config) as running:
+        ids = []
+        for prompt in ("slow one", "waiting one"):
+            interaction = await fake.slash("imagine", {"prompt": prompt, "steps": 5000, "width": 64, "height": 64})
+            ids.append(job_id_in((await running.reply_to(interaction))["content"]))
+        await fake.wait_for(lambda: len(statuses()) == 2)
+        for status in reversed(statuses()):  # the waiting one first, then the running one
+            await fake.react(status["id"], "❌", user_id=ALICE)
+        await fake.wait_for(lambda: all("cancelled" in s["content"] for s in statuses()))
+        rows = {r.id: r.status for r in await running.history_rows()}
+    assert rows == {ids[0]: JobStatus.CANCELLED, ids[1]: JobStatus.CANCELLED}
+    assert fake.channel_messages(with_files=True) == []
+
+
+# -- admin commands -------------------------------------------------------------------------------
+
+
+async def test_admin_commands_are_refused_for_others_and_work_for_admins(fake: FakeDiscord, config: Config) -> None:
+    async with bot(fake, config) as running:
+        for name, options in (("preload", {"model": "flux_dev"}), ("unload", {"model": "flux_dev"}),
+                              ("models", {}), ("queue", {}), ("stats", {})):
+            reply = await running.reply_to(await fake.slash(name, options, user_id=ALICE))
+            assert reply["content"] == f"Sorry, `/{name}` is for the bot's admins." and reply["flags"] & 64
+        assert running.core.engine.resident_models() == ()
+
+        loaded = await running.reply_to(await fake.slash("preload", {"model": "flux_dev"}, user_id=BOB,
+                                                         roles=(ADMIN_ROLE_ID,)))
+        assert loaded["content"].startswith("FLUX.1-dev is loaded")
+        assert [m.model_id for m in running.core.engine.resident_models()] == ["flux_dev"]
+        models = await running.reply_to(await fake.slash("models", user_id=ADMIN))
+        queue = await running.reply_to(await fake.slash("queue", user_id=ADMIN))
+        unloaded = await running.reply_to(await fake.slash("unload", {"model": "flux_dev"}, user_id=ADMIN))
+        assert running.core.engine.resident_models() == ()
+    assert "`flux_dev` FLUX.1-dev: loaded" in models["content"] and "`realvis_xl` RealVisXL V4.0: not loaded" in models["content"]
+    assert queue["content"] == "The queue is empty."
+    assert unloaded["content"] == "FLUX.1-dev is unloaded."
+
+
+async def test_history_and_show_are_for_everyone(fake: FakeDiscord, config: Config) -> None:
+    async with bot(fake, config) as running:
+        interaction = await fake.slash("imagine", {"prompt": "a small boat", "seed": 3, **SMALL})
+        job_id = job_id_in((await running.reply_to(interaction))["content"])
+        await running.result_of(job_id)
+        mine = await running.reply_to(await fake.slash("history", user_id=ALICE))
+        theirs = await running.reply_to(await fake.slash("history", user_id=BOB))
+        shown = await running.reply_to(await fake.slash("show", {"job_id": job_id.upper()}, user_id=BOB))
+        missing = await running.reply_to(await fake.slash("show", {"job_id": "zzzzzz"}, user_id=BOB))
+    assert f"`{job_id}`" in mine["content"] and "a small boat" in mine["content"]
+    assert theirs["content"] == "You have no jobs yet. Try `/imagine`."
+    assert shown["content"].startswith(f"Job `{job_id}`: succeeded") and "seed 3" in shown["content"]
+    assert list(shown["files"]) == [f"{job_id}.png"]  # the image comes along
+    assert missing["content"] == "There is no job `zzzzzz` in the history."
+
+
+# -- restarts -------------------------------------------------------------------------------------
+
+
+async def test_a_job_taken_back_after_a_restart_is_delivered_to_its_original_channel(fake: FakeDiscord,
+                                                                                     config: Config) -> None:
+    # A job left queued by a process that died, whose status message was already posted.
+    old_status = {"id": "900000000000009999", "channel_id": str(OTHER_CHANNEL_ID), "content": "🕒 queued #1",
+                  "files": {}, "webhook": False, "bot_auth": True, "reference": None, "edits": []}
+    fake.messages[int(old_status["id"])] = old_status
+    async with HistoryStore.open(config.data_dir) as history:
+        params = GenerationParams(prompt="an old request", negative_prompt="", model_id="flux_dev", steps=2,
+                                  guidance=4.5, width=64, height=64, seed=9, route_reason="the default model")
+        stored = await history.record_queued(requester=Requester("discord", str(ALICE), "alice"),
+                                             origin=Origin("discord", str(OTHER_CHANNEL_ID)), model_asked=None,
+                                             params=params, created_at=time.time())
+        await history.record_delivery(stored.id, platform="discord", channel_id=str(OTHER_CHANNEL_ID),
+                                      message_id=old_status["id"], kind="status")
+
+    async with bot(fake, config) as running:
+        result = await running.result_of(stored.id, channel_id=OTHER_CHANNEL_ID)
+    assert any("back after a restart" in e for e in old_status["edits"])  # the same status message, edited
+    assert old_status.get("deleted") and f"<@{ALICE}>" in result["content"]
+    assert read_png_metadata(next(iter(result["files"].values())))["prompt"] == "an old request"
+
+
+async def test_a_result_finished_but_never_posted_is_posted_at_the_next_start(fake: FakeDiscord, config: Config) -> None:
+    async with Engine(config) as engine:  # the process died after the job finished, before posting it
+        handle = await engine.submit(JobRequest("posted late", steps=1, width=64, height=64,
+                                                requester=Requester("discord", str(ALICE)),
+                                                origin=Origin("discord", str(CHANNEL_ID))))
+        await handle.result()
+    async with bot(fake, config) as running:
+        result = await running.result_of(handle.id)
+        deliveries = await running.core.engine.history.deliveries(handle.id)
+    assert "posted late" in result["content"]
+    assert [(d.kind, d.message_id) for d in deliveries] == [("result", result["id"])]
+
+
+# -- registering commands -------------------------------------------------------------------------
+
+
+async def test_sync_commands_registers_the_commands_globally_or_in_one_guild(fake: FakeDiscord, config: Config) -> None:
+    settings = settings_for(fake).discord
+    names, application_id = await sync_commands(config, settings, None)
+    await sync_commands(config, settings, GUILD_ID)
+    assert set(names) == {"imagine", "history", "show", "preload", "unload", "models", "queue", "stats"}
+    assert application_id == 900000000000000001
+    imagine = next(c for c in fake.commands["global"] if c["name"] == "imagine")
+    options = {o["name"]: o for o in imagine["options"]}
+    assert options["prompt"]["required"] and options["prompt"]["max_length"] == 1000
+    assert (options["steps"]["min_value"], options["steps"]["max_value"]) == (1, 50)
+    assert options["width"]["min_value"] == 64
+    assert [c["value"] for c in options["model"]["choices"]] == ["auto", "flux_dev", "realvis_xl", "sd3_medium", "logo_sdxl"]
+    assert {c["name"] for c in fake.commands[str(GUILD_ID)]} == set(names)
+    assert not fake.identified.is_set()  # HTTP only: no gateway session was opened
+
+
+async def test_sync_commands_cli_prints_the_commands_and_the_invite_url(fake: FakeDiscord, config: Config,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("DISCORD_TOKEN", BOT_TOKEN)
+    monkeypatch.setenv("DISCORD_API_BASE", fake.api_base)
+    code = await cmd_sync_commands(config, argparse.Namespace(guild=GUILD_ID))
+    out = capsys.readouterr().out
+    assert code == 0 and f"registered 8 commands in server {GUILD_ID}: /imagine, /history" in out
+    assert ("https://discord.com/oauth2/authorize?client_id=900000000000000001&scope=bot+applications.commands"
+            "&permissions=274878008384") in out
+    assert list(fake.commands) == [str(GUILD_ID)]
+
+
+async def test_a_refused_token_stops_run_with_a_sentence_and_no_token_shown(fake: FakeDiscord, config: Config,
+                                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    settings = settings_for(fake)
+    settings = dataclasses.replace(settings, discord=dataclasses.replace(settings.discord, token="wrong-token"))
+    code = await asyncio.wait_for(serve(config, settings), 60)
+    err = capsys.readouterr().err
+    assert code == 1 and "discord refused the token" in err and "DISCORD_TOKEN" in err
+    assert "wrong-token" not in err and not fake.identified.is_set()
+
+
+# -- `promptpics run` as a process ----------------------------------------------------------------
+
+
+def bot_env(tmp_path: Path, tiny_models: Any, **extra: str) -> dict[str, str]:
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    if not (data / "tiny-models").exists():
+        (data / "tiny-models").symlink_to(tiny_models.root.parent)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DISCORD_", "SLACK_"))}
+    return {**env, "PROMPTPICS_DATA_DIR": str(data), "HF_HUB_OFFLINE": "1", **extra}
+
+
+def test_run_without_a_token_says_which_variable_to_set(tmp_path: Path, tiny_models: Any) -> None:
+    done = subprocess.run([sys.executable, "-m", "bot", "run"], cwd=REPO, env=bot_env(tmp_path, tiny_models),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "Set DISCORD_TOKEN" in done.stderr and "`promptpics chat`" in done.stderr and "Traceback" not in done.stderr
+
+
+async def test_run_serves_discord_from_the_environment_and_stops_cleanly_on_sigterm(fake: FakeDiscord, tmp_path: Path,
+                                                                                    tiny_models: Any) -> None:
+    env = bot_env(tmp_path, tiny_models, DISCORD_TOKEN=BOT_TOKEN, DISCORD_API_BASE=fake.api_base,
+                  DISCORD_GATEWAY_URL=fake.gateway_url)
+    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot", "--profile", "tiny", "run", cwd=REPO,
+                                                   env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        await asyncio.wait_for(fake.identified.wait(), 60)
+        interaction = await fake.slash("imagine", {"prompt": "a kite", "steps": 1, "width": 256, "height": 256})
+        ack = (await fake.wait_for(lambda: fake.followups(interaction), 60))[0]
+        job_id = job_id_in(ack["content"])
+        await fake.wait_for(lambda: [m for m in fake.channel_messages(with_files=True) if job_id in m["content"]], 60)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, stderr.decode()
+    assert b"Traceback" not in stderr and BOT_TOKEN.encode() not in stderr
