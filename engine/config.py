@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import ConfigError
+from engine.residency import ResidencySettings, parse_residency_config
+from engine.scheduler import SchedulerSettings, parse_scheduler_config
 from engine.safety.config import SafetyConfig, check_safety_models, parse_safety_config
 
 FAMILIES = ("flux", "sdxl", "sd3", "hidream")
@@ -76,6 +78,8 @@ class Config:
     router_llm_id: str = "Qwen/Qwen2.5-1.5B-Instruct"
     rewrite_llm_id: str = "Qwen/Qwen2.5-1.5B-Instruct"
     history: HistorySettings = HistorySettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
+    residency: ResidencySettings = ResidencySettings()
     safety: SafetyConfig = dataclasses.field(default_factory=SafetyConfig)
     # [bot], [discord] and [slack] belong to the bot side: kept raw here, validated by bot/.
     platform_tables: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -132,11 +136,11 @@ def parse_config(
     profile: str | None = None,
     source_file: Path | None = None,
 ) -> Config:
-    _no_unknown_keys(raw, "", {"engine", "limits", "llm", "models", "history", "safety", *PLATFORM_TABLES})
+    _no_unknown_keys(raw, "", {"engine", "limits", "llm", "models", "history", "scheduler", "residency", "safety", *PLATFORM_TABLES})
     engine = _table(raw, "engine")
     limits_raw = dict(_table(raw, "limits"))
     llm = _table(raw, "llm")
-    _no_unknown_keys(engine, "engine.", {f.name for f in dataclasses.fields(Config)} - {"models", "limits", "router_llm_id", "rewrite_llm_id", "history", "safety", "platform_tables", "source_file"})
+    _no_unknown_keys(engine, "engine.", {f.name for f in dataclasses.fields(Config)} - {"models", "limits", "router_llm_id", "rewrite_llm_id", "history", "scheduler", "residency", "safety", "platform_tables", "source_file"})
     _no_unknown_keys(limits_raw, "limits.", {f.name for f in dataclasses.fields(Limits)})
     _no_unknown_keys(llm, "llm.", {"router_llm_id", "rewrite_llm_id"})
 
@@ -165,6 +169,8 @@ def parse_config(
         router_llm_id=env.get("ROUTER_LLM_ID") or _str(llm, "router_llm_id", "llm.", Config.router_llm_id),
         rewrite_llm_id=env.get("REWRITE_LLM_ID") or _str(llm, "rewrite_llm_id", "llm.", Config.rewrite_llm_id),
         history=_parse_history(_table(raw, "history")),
+        scheduler=parse_scheduler_config(_table(raw, "scheduler")),
+        residency=parse_residency_config(_table(raw, "residency")),
         safety=parse_safety_config(_table(raw, "safety")),
         platform_tables={name: dict(_table(raw, name)) for name in PLATFORM_TABLES if name in raw},
         source_file=source_file,

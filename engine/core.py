@@ -7,6 +7,8 @@ the ``GpuExecutor`` and awaited as a future; progress comes back with ``call_soo
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import logging
 import threading
 import time
@@ -36,9 +38,19 @@ from engine.jobs import (
 )
 from engine.normalise import clean_prompt, normalise, requested_model
 from engine.pipelines import configure_torch_blocking, resolve_device_blocking, resolve_dtype
-from engine.residency import ResidentModel
+from engine.residency import ResidencyStatus, ResidentModel
 from engine.router import DefaultRouter, Router, explicit_choice
 from engine.safety import Attempt
+from engine.scheduler import (
+    Planned,
+    QueuedJob,
+    RoundRobin,
+    TimingBook,
+    check_user_cap,
+    make_scheduler,
+    needed_soon,
+    plan,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +68,20 @@ class _Job:
     status: JobStatus = JobStatus.QUEUED
     cancel: threading.Event = field(default_factory=threading.Event)
     cancelled_by_user: bool = False  # else a set cancel flag means "the engine is stopping"
+    # what the scheduler sees (engine/scheduler.py): arrival order, round-robin tag, fairness
+    seq: int = 0
+    fair_tag: float = 0.0
+    passed_over: int = 0
+    first_passed_at: float | None = None
+    started_mono: float | None = None
+
+    @property
+    def user_key(self) -> str:
+        return f"{self.request.requester.platform}:{self.request.requester.user_id}"
+
+    def view(self) -> QueuedJob:
+        return QueuedJob(self.id, self.params.model_id, self.user_key, self.seq, self.queued_mono, self.fair_tag,
+                         self.passed_over, self.first_passed_at)
 
 
 class JobHandle:
@@ -105,6 +131,7 @@ class QueueEntry:
     user: str
     status: JobStatus
     waited_s: float
+    eta_s: float | None = None  # seconds until the image is expected, from recorded per-model timings
 
 
 class Engine:
@@ -119,6 +146,10 @@ class Engine:
         self._router = router or DefaultRouter(config)
         self._runner_factory = runner_factory or default_runner_blocking
         self._executor = GpuExecutor()
+        self._scheduler = make_scheduler(config.scheduler)
+        self._round_robin = RoundRobin()
+        self._timings = TimingBook()
+        self._arrivals = itertools.count()
         self._runner: JobRunner | None = None
         self._queue: deque[_Job] = deque()
         self._jobs: dict[str, _Job] = {}
@@ -196,7 +227,7 @@ class Engine:
                 continue
             job = self._job_from_history(stored)
             self._jobs[job.id] = job
-            self._queue.append(job)
+            self._enqueue(job)
             self.resumed.append(JobHandle(self, job, len(self._queue)))
             self._emit(job, JobQueued(job.id, len(self._queue), job.params, resumed=True))
         if self.resumed:
@@ -224,14 +255,16 @@ class Engine:
         params = normalise(request, self.config.model(decision.model_id), self.config, route_reason=decision.reason)
         if len(self._queue) >= self.config.limits.max_queued_jobs:
             raise QueueFullError(self.config.limits.max_queued_jobs)
+        check_user_cap((j.view() for j in self._queue), f"{request.requester.platform}:{request.requester.user_id}",
+                       self.config.scheduler.max_queued_per_user)
         created = time.time()
         # Recorded before it is acknowledged: once submit returns, a crash cannot lose the job.
         stored = await self.history.record_queued(requester=request.requester, origin=request.origin,
                                                   model_asked=explicit, params=params, created_at=created)
         job = _Job(id=stored.id, request=request, params=params, events=asyncio.Queue(), created_at=created)
         self._jobs[job.id] = job
-        self._queue.append(job)
-        position = len(self._queue)
+        self._enqueue(job)
+        position = next((p.position for p in self._plan(limit=50) if p.job_id == job.id), len(self._queue))
         log.info("job %s: queued #%d for %s (%s)", job.id, position, params.model_id, decision.reason)
         self._emit(job, JobQueued(job.id, position, params))
         self._wakeup.set()
@@ -255,22 +288,35 @@ class Engine:
         return job.status if job else None
 
     def queue_snapshot(self) -> list[QueueEntry]:
+        """The running job (position 0) and the queue in the order the scheduler expects to run
+        it, each with an ETA from the recorded per-model timings."""
         now = time.perf_counter()
-        jobs = ([self._running] if self._running else []) + list(self._queue)
-        first = 0 if self._running else 1
-        return [
-            QueueEntry(j.id, i + first, j.params.model_id, j.request.requester.display_name or j.request.requester.user_id,
-                       j.status, now - j.queued_mono)
-            for i, j in enumerate(jobs)
-        ]
+        busy_for = self._running_left_s(now)
+        entries = [self._entry(self._running, 0, now, busy_for)] if self._running is not None else []
+        by_id = {j.id: j for j in self._queue}
+        entries += [self._entry(by_id[p.job_id], p.position, now, p.eta_s) for p in self._plan(busy_for_s=busy_for)]
+        return entries
 
-    async def preload(self, model_id: str) -> float:
+    def _entry(self, j: _Job, position: int, now: float, eta_s: float) -> QueueEntry:
+        user = j.request.requester.display_name or j.request.requester.user_id
+        return QueueEntry(j.id, position, j.params.model_id, user, j.status, now - j.queued_mono, round(eta_s, 1))
+
+    async def preload(self, model_id: str, *, pin: bool = False) -> float:
         """Make a model resident ahead of demand (admin); runs on the GPU thread between jobs.
-        Returns the seconds spent loading (0.0 if it was already resident)."""
+        ``pin``: exempt it from eviction by the cost rule. Returns the seconds spent loading
+        (0.0 if it was already resident)."""
         spec = self.config.model(self._known_model(model_id))
         assert self._runner is not None
-        _, load_s = await self._executor.submit(self._runner.residency.acquire_blocking, spec)
-        return float(load_s)
+        return float(await self._executor.submit(functools.partial(self._runner.residency.preload_blocking, spec, pin=pin)))
+
+    async def pin(self, model_id: str, pinned: bool = True) -> None:
+        """Pin (or unpin) a model: a pinned model is not evicted to make room (admin)."""
+        assert self._runner is not None
+        await self._executor.submit(self._runner.residency.pin_blocking, self._known_model(model_id), pinned)
+
+    def residency_status(self) -> ResidencyStatus | None:
+        """Which model is where, bytes, last use, pins; the GPU budget, used and free; the RAM tier."""
+        return self._runner.residency.status() if self._runner else None
 
     async def unload(self, model_id: str) -> bool:
         """Drop a model from memory (admin); False if it was not loaded."""
@@ -301,7 +347,7 @@ class Engine:
                 await self._wakeup.wait()
             if self._closing:
                 return
-            job = self._queue.popleft()  # FIFO; the scheduler issue replaces this choice
+            job = self._next_job()
             try:
                 await self._run(job)
             except Exception:  # the history itself failed: answer the job, keep the dispatcher
@@ -310,10 +356,53 @@ class Engine:
             finally:
                 self._running = None
 
+    def _next_job(self) -> _Job:
+        """The scheduler picks; the jobs it overtakes are counted, which bounds how often that happens."""
+        now = time.perf_counter()
+        resident, parked = self._placements()
+        pick = self._scheduler.pick([j.view() for j in self._queue], resident, now, parked)
+        by_id = {j.id: j for j in self._queue}
+        for passed_id in pick.passed_over:
+            passed = by_id[passed_id]
+            passed.passed_over += 1
+            passed.first_passed_at = now if passed.first_passed_at is None else passed.first_passed_at
+        job = by_id[pick.job_id]
+        self._queue.remove(job)
+        self._round_robin.started(job.fair_tag)
+        if pick.passed_over:
+            log.info("job %s: runs before %d earlier job(s) (%s)", job.id, len(pick.passed_over), pick.reason)
+        return job
+
+    def _enqueue(self, job: _Job) -> None:
+        job.seq = next(self._arrivals)
+        job.fair_tag = self._round_robin.tag(job.user_key)
+        self._queue.append(job)
+
+    def _placements(self) -> tuple[frozenset[str], frozenset[str]]:
+        """(models ready on the device, models parked in RAM), from the thread-safe snapshot."""
+        rows = self._runner.residency.snapshot() if self._runner else ()
+        ready = frozenset(r.model_id for r in rows if r.where != "cpu-ram")
+        return ready, frozenset(r.model_id for r in rows) - ready
+
+    def _plan(self, *, busy_for_s: float = 0.0, limit: int | None = None) -> list[Planned]:
+        resident, parked = self._placements()
+        if self._running is not None:  # its model is ready once it finishes
+            resident |= {self._running.params.model_id}
+        return plan(self._scheduler, [j.view() for j in self._queue], resident, time.perf_counter(), self._timings,
+                    parked=parked, busy_for_s=busy_for_s, limit=limit)
+
+    def _running_left_s(self, now: float) -> float:
+        job = self._running
+        if job is None or job.started_mono is None:
+            return 0.0
+        return max(0.0, self._timings.expected_generate_s(job.params.model_id) - (now - job.started_mono))
+
     async def _run(self, job: _Job) -> None:
         assert self._runner is not None
         job.status, self._running = JobStatus.RUNNING, job
-        started = time.perf_counter()
+        started = job.started_mono = time.perf_counter()
+        # what to keep when something must be evicted: the models the next planned jobs need
+        self._runner.residency.set_needed_soon(needed_soon(self._plan(limit=8)))
         queue_wait = started - job.queued_mono
         self._emit(job, JobStarted(job.id, job.params.model_id))
         # Each attempt of the safety loop opens and closes its row as it happens (a crash keeps them).
@@ -350,6 +439,8 @@ class Engine:
             message = f"Sorry, something went wrong (job `{job.id}`)."
             await self._finish(job, JobStatus.FAILED, JobFailed(job.id, "GenerationError", message), timings())
         else:
+            final = getattr(out, "params", None) or job.params  # the safety loop may have fallen back
+            self._timings.record(final.model_id, generate_s=out.generate_s, load_s=out.load_s)
             await self._succeed(job, out, timings(out))
 
     async def _succeed(self, job: _Job, out: RunOutput, timings: Timings) -> None:

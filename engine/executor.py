@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.config import Config
-from engine.errors import OutOfMemoryError
 from engine.images import encode_png
 from engine.jobs import GenerationParams
 from engine.llm import LLMCache
-from engine.pipelines import LoadedPipeline, free_memory_blocking, generate_blocking
+from engine.pipelines import LoadedPipeline, generate_blocking
 from engine.residency import ResidencyManager
 from engine.safety import Attempt, SafetyPolicy
 
@@ -122,10 +121,11 @@ class JobRunner:
 
         def generate(p: GenerationParams) -> Any:  # one attempt; the policy may call it again
             spec = self._config.model(p.model_id)
-            # 1. make the model resident (the residency rule may unload others, or retry on OOM)
+            # 1. make the model resident: evicts by the cost rule (what the queue needs soon stays);
+            #    a load that runs out of memory evicts the others and retries once
             loaded, load_s = self.residency.acquire_blocking(spec)
             spent["load"] += load_s
-            # 2. generate; out of memory -> free every other pipeline and try once more
+            # 2. generate; out of memory is recovered by phase (engine/residency/)
             started = time.perf_counter()
             try:
                 return self._generate_blocking(job_id, loaded, p, on_step, cancel)
@@ -149,19 +149,15 @@ class JobRunner:
 
     def _generate_blocking(self, job_id: str, loaded: LoadedPipeline, params: GenerationParams,
                            on_step: Callable[[int, int], None], cancel: threading.Event) -> Any:
-        try:
-            return generate_blocking(loaded, params, on_step=on_step, cancel=cancel)
-        except OutOfMemoryError:
-            free_memory_blocking(loaded.device)
-            if not self.residency.free_others_blocking(keep=loaded.spec.id):
-                raise
-            log.warning("job %s: out of memory on %s; unloaded the others, retrying once", job_id, loaded.spec.id)
-            return generate_blocking(loaded, params, on_step=on_step, cancel=cancel)
+        """Out of memory in the VAE decode: again with tiled decoding; while denoising: free the
+        other models and retry, then CPU offload and retry (ResidencyManager decides)."""
+        return self.residency.run_with_recovery_blocking(loaded.spec, lambda ready, tiled: generate_blocking(
+            ready, params, on_step=on_step, cancel=cancel, tiled_decode=tiled), job_id=job_id)
 
 
 def default_runner_blocking(config: Config, device: Any, dtype: Any) -> JobRunner:
     """The production runner (GPU thread): residency, the shared chat LLM cache, the safety policy
     with its detectors loaded now, so a missing NudeNet stops start-up instead of the first job."""
-    runner = JobRunner(config, ResidencyManager(device, dtype), llms=LLMCache(device, dtype))
+    runner = JobRunner(config, ResidencyManager(device, dtype, settings=config.residency), llms=LLMCache(device, dtype))
     runner.safety.preload_blocking()
     return runner

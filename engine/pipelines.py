@@ -210,19 +210,26 @@ def free_memory_blocking(device: Any) -> None:
 
 
 def generate_blocking(loaded: LoadedPipeline, params: GenerationParams, *, on_step: StepCallback,
-                      cancel: threading.Event) -> Any:
-    """Run one generation; returns a PIL image of exactly ``params.width x params.height``."""
+                      cancel: threading.Event, tiled_decode: bool = False) -> Any:
+    """Run one generation; returns a PIL image of exactly ``params.width x params.height``.
+
+    Out of memory after the last denoising step is reported with the phase "decoding with"
+    (the VAE decode), before it with "generating with"; ``tiled_decode`` decodes in tiles, a
+    lower peak for a retry (engine.residency decides when)."""
     import torch
 
     pipe = loaded.pipe
+    steps_done = 0
 
     def step_end(p: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        nonlocal steps_done
         if cancel.is_set():
             # diffusers' own stop flag, then raise so a cancelled job skips the VAE decode too.
             p._interrupt = True
             raise JobCancelledError("")
         # NaN latents never recover: stop here instead of denoising and decoding a black square.
         check_latents_blocking(kwargs.get("latents"), loaded.spec.id, i + 1)
+        steps_done = i + 1
         on_step(i + 1, params.steps)
         return {}
 
@@ -246,13 +253,19 @@ def generate_blocking(loaded: LoadedPipeline, params: GenerationParams, *, on_st
         kwargs["negative_prompt"] = params.negative_prompt
     if loaded.spec.family == "hidream":
         _fit_hidream_area(pipe, params.width, params.height)
+    if tiled_decode:
+        pipe.vae.enable_tiling()
     try:
         with torch.inference_mode():
             image = pipe(**kwargs).images[0]
     except JobCancelledError:
         raise
     except BaseException as exc:
-        raise translate_error(exc, loaded.spec.id, "generating with") from exc
+        phase = "decoding with" if steps_done >= params.steps else "generating with"
+        raise translate_error(exc, loaded.spec.id, phase) from exc
+    finally:
+        if tiled_decode:
+            pipe.vae.disable_tiling()  # tiles are for the retry only: the same seed, the same pixels
     if image.size != (params.width, params.height):
         # HiDream renders a fixed pixel area rounded to 16 px; bring it to the size asked for.
         from PIL import Image
