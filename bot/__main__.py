@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list the models and their settings")
     models.add_argument("--json", action="store_true")
     models.set_defaults(run=cmd_models)
+    stats = commands.add_parser("stats", help="per-model timings and safety incidence from the history")
+    stats.add_argument("--json", action="store_true")
+    stats.set_defaults(run=cmd_stats)
     add_bot_commands(commands)
     return parser
 
@@ -188,6 +192,25 @@ async def cmd_show(config: Config, args: argparse.Namespace) -> int:
             print(f"{key + ':':<16}{value}")
     for a in summary["attempts"]:
         print(f"attempt {a['n']}:       {a['model']} -> {a['outcome']}" + (f" ({a['retry_reason']})" if a["retry_reason"] else ""))
+    return 0
+
+
+async def cmd_stats(config: Config, args: argparse.Namespace) -> int:
+    async with HistoryStore.open(config.data_dir, busy_timeout_s=config.history.busy_timeout_s) as store:
+        rows = [dataclasses.asdict(s) for s in await store.model_stats()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no jobs yet")
+    print(f"{'model':<11} {'jobs':>5} {'ok':>5} {'failed':>6} {'mean s':>7} {'p95 s':>7} {'nsfw':>5} {'black':>5} "
+          f"{'fixed':>5} {'fell back':>9} {'refused':>7}")
+    for r in rows:
+        mean = f"{r['mean_generate_s']:.2f}" if r["mean_generate_s"] is not None else "-"
+        p95 = f"{r['p95_generate_s']:.2f}" if r["p95_generate_s"] is not None else "-"
+        print(f"{r['model_id']:<11} {r['count']:>5} {r['succeeded']:>5} {r['failed']:>6} {mean:>7} {p95:>7} "
+              f"{r['nsfw_flagged']:>5} {r['black_flagged']:>5} {r['fixed_by_rewrite']:>5} {r['fell_back']:>9} "
+              f"{r['refused']:>7}")
     return 0
 
 

@@ -241,6 +241,8 @@ class ModelStats:
     nsfw_flagged: int  # attempts on this model whose 'nsfw' verdict was flagged
     black_flagged: int  # attempts on this model whose 'black' verdict was flagged
     fixed_by_rewrite: int  # succeeded jobs with >= 1 attempt that carried a retry_reason
+    fell_back: int = 0  # attempts on this model after which the safety loop moved to the fallback model
+    refused: int = 0  # jobs refused by the safety loop (unsafe prompt or image, or black every time)
 
 
 def new_job_id() -> str:
@@ -683,7 +685,8 @@ class HistoryStore:
                 model_id=model_id, count=c["count"] if c else 0, succeeded=c["succeeded"] if c else 0,
                 failed=c["failed"] if c else 0, mean_generate_s=sum(t) / len(t) if t else None,
                 p95_generate_s=_percentile(t, 0.95), nsfw_flagged=f["nsfw"] if f else 0,
-                black_flagged=f["black"] if f else 0, fixed_by_rewrite=c["fixed"] if c else 0))
+                black_flagged=f["black"] if f else 0, fixed_by_rewrite=c["fixed"] if c else 0,
+                fell_back=f["fell_back"] if f else 0, refused=c["refused"] if c else 0))
         return stats
 
     async def prune_images(self, older_than_days: int, *, now: float | None = None) -> int:
@@ -763,7 +766,8 @@ SELECT model_used                  AS model_id,
        sum(status = 'succeeded' AND EXISTS (
                SELECT 1 FROM attempts
                 WHERE attempts.job_id = jobs.id AND attempts.retry_reason IS NOT NULL
-           ))                      AS fixed
+           ))                      AS fixed,
+       sum(status = 'failed' AND error_kind IN ('UnsafeContentError', 'BlankImageError')) AS refused
   FROM jobs
  GROUP BY model_used
 """
@@ -771,7 +775,8 @@ SELECT model_used                  AS model_id,
 _ATTEMPT_FLAGS = """
 SELECT model_id,
        sum(coalesce(json_extract(verdicts, '$.nsfw.flagged'),  0) = 1) AS nsfw,
-       sum(coalesce(json_extract(verdicts, '$.black.flagged'), 0) = 1) AS black
+       sum(coalesce(json_extract(verdicts, '$.black.flagged'), 0) = 1) AS black,
+       sum(coalesce(retry_reason, '') LIKE '%fell back%')               AS fell_back
   FROM attempts
  WHERE verdicts IS NOT NULL
  GROUP BY model_id

@@ -101,3 +101,14 @@ def test_models_json_lists_every_model_with_its_settings(cli_env: dict[str, str]
     logo = rows[3]
     assert logo["display_name"].startswith("HiDream-I1") and logo["exclusive"] is True and logo["loaded"] is False
     assert logo["weights"] in ("downloaded", "not downloaded")
+
+
+def test_stats_reports_per_model_counts_from_the_history(cli_env: dict[str, str]) -> None:
+    assert "no jobs yet" in promptpics(cli_env, "stats").stdout
+    done = promptpics(cli_env, "--profile", "tiny", "imagine", "a fox", "--model", "sd3_medium", "--steps", "1",
+                      "--width", "256", "--height", "256")
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(promptpics(cli_env, "stats", "--json").stdout)
+    assert [(r["model_id"], r["count"], r["succeeded"], r["refused"]) for r in rows] == [("sd3_medium", 1, 1, 0)]
+    assert rows[0]["mean_generate_s"] > 0
+    assert "sd3_medium" in promptpics(cli_env, "stats").stdout

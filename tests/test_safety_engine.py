@@ -86,6 +86,8 @@ async def test_always_flagged_fails_with_a_refusal_and_no_image(tiny_config: Con
     assert "not safe for work on all 3 attempts (BUTTOCKS_EXPOSED 0.90)" in failed.message
     assert [a.outcome for a in attempts] == ["retried", "retried", "failed"]
     assert stored.status.value == "failed" and stored.image_path is None
+    stats = {s.model_id: s for s in await _stats(tiny_config)}
+    assert stats["flux_dev"].refused == 1 and stats["flux_dev"].nsfw_flagged == 3
 
 
 async def test_nsfw_allowed_channel_gets_the_image(tiny_config: Config) -> None:
@@ -128,6 +130,7 @@ async def test_hidream_black_falls_back_to_flux_through_the_engine(tiny_config: 
     assert pixels(result.png).mean() > 20
     stats = {s.model_id: s for s in await _stats(tiny_config)}
     assert stats["logo_sdxl"].black_flagged == 2 and stats["flux_dev"].fixed_by_rewrite == 1
+    assert stats["logo_sdxl"].fell_back == 1 and stats["flux_dev"].refused == 0
 
 
 async def _stats(config: Config) -> Any:
