@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bot.cli_bot import add_bot_commands
+from bot.cli_router import add_router_commands
 from bot.progress import ProgressBar
 from engine import (
     Config,
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(run=cmd_stats)
     add_bot_commands(commands)
+    add_router_commands(commands)
     return parser
 
 

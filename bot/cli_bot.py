@@ -22,11 +22,13 @@ from bot.console_app import ConsoleApp
 from bot.delivery import Delivery, Outlet
 from bot.settings import Settings, load_settings
 from engine import Config, Engine
+from engine.history import HistoryStore
 
 log = logging.getLogger(__name__)
 
 NO_TOKEN = ("promptpics: no chat platform is configured. Set DISCORD_TOKEN (the bot token from the Discord "
-            "developer portal) to serve Discord; see docs/BOT.md. To try the bot without any token, run "
+            "developer portal) to serve Discord (docs/BOT.md), and/or SLACK_BOT_TOKEN with SLACK_APP_TOKEN "
+            "(Socket Mode) to serve Slack (docs/SLACK.md). To try the bot without any token, run "
             "`promptpics chat`.")
 SHUTDOWN_GRACE_S = 5.0  # time for status messages to say "paused" before the connections close
 
@@ -37,7 +39,8 @@ def add_bot_commands(subparsers: Any) -> None:
                                              "/help ... one per line; input may be piped. Exits when input ends "
                                              "and the jobs asked for are done.")
     chat.set_defaults(run=cmd_chat)
-    run = subparsers.add_parser("run", help="serve every chat platform whose token is set (DISCORD_TOKEN)")
+    run = subparsers.add_parser("run", help="serve every chat platform whose token is set (DISCORD_TOKEN, "
+                                            "SLACK_BOT_TOKEN) from one engine and one queue")
     run.set_defaults(run=cmd_run)
     for parser in (chat, run):  # `promptpics chat --profile tiny` reads as well as `promptpics --profile tiny chat`
         # SUPPRESS: when not given here, the value given before the subcommand stays.
@@ -58,8 +61,11 @@ class BotCore:
     delivery: Delivery
 
 
-def build_core(config: Config, settings: Settings, admins: Mapping[str, AdminPolicy]) -> BotCore:
-    engine = Engine(config)
+def build_core(config: Config, settings: Settings, admins: Mapping[str, AdminPolicy],
+               history: HistoryStore | None = None) -> BotCore:
+    # The caller may own the history, so it can stay open after the engine closes while the
+    # last results are still being posted and recorded (delivery.drain).
+    engine = Engine(config, history=history)
     commands = Commands(engine, settings.bot, admins, EtaBook())
     delivery = Delivery(commands)
     delivery.attach()  # before the engine is entered: jobs it takes back at start are shown too
@@ -67,7 +73,7 @@ def build_core(config: Config, settings: Settings, admins: Mapping[str, AdminPol
 
 
 class PlatformApp(Protocol):
-    """One chat platform served by ``promptpics run`` (DiscordApp; SlackApp in issue 8)."""
+    """One chat platform served by ``promptpics run`` (DiscordApp, SlackApp)."""
 
     @property
     def platform(self) -> str: ...
@@ -130,31 +136,43 @@ async def cmd_run(config: Config, args: argparse.Namespace) -> int:
 
 
 def platform_apps(core: BotCore, settings: Settings) -> list[PlatformApp]:
-    """Every platform whose tokens are set. Slack (issue 8) adds its SlackApp here."""
+    """Every platform whose tokens are set, all on ``core``: one engine, one queue."""
     apps: list[PlatformApp] = []
     if settings.discord.token:
         from bot.discord_app import DiscordApp
 
         apps.append(DiscordApp(core.commands, settings.discord))
+    if settings.slack.bot_token:
+        from bot.slack_app import SlackApp
+
+        apps.append(SlackApp(core.commands, settings.slack))
     return apps
 
 
 def admin_policies(settings: Settings) -> dict[str, AdminPolicy]:
     from bot.discord_app import DiscordApp
 
-    return {"discord": DiscordApp.admin_policy(settings.discord)}
+    # Slack's admins are user ids only (no roles): no need to import slack_bolt for them.
+    return {"discord": DiscordApp.admin_policy(settings.discord),
+            "slack": AdminPolicy(user_ids=settings.slack.admin_user_ids)}
 
 
 async def serve(config: Config, settings: Settings, *, stop: asyncio.Event | None = None) -> int:
     """Serve every configured platform on one engine until SIGTERM/SIGINT (or ``stop``)."""
-    core = build_core(config, settings, admin_policies(settings))
-    apps = platform_apps(core, settings)
-    for app in apps:
-        core.delivery.add_outlet(app.outlet)
     stop = stop or asyncio.Event()
-    with _stop_on_signals(stop):
-        async with core.engine:
-            return await serve_apps(core, apps, stop)
+    async with HistoryStore.open(config.data_dir, busy_timeout_s=config.history.busy_timeout_s) as history:
+        core = build_core(config, settings, admin_policies(settings), history)
+        apps = platform_apps(core, settings)
+        for app in apps:
+            core.delivery.add_outlet(app.outlet)
+        with _stop_on_signals(stop):
+            async with core.engine:
+                # Load the router's models now rather than on the first user's prompt.
+                warming = asyncio.create_task(core.engine.warm_up_router(), name="router-warm-up")
+                try:
+                    return await serve_apps(core, apps, stop)
+                finally:
+                    warming.cancel()
 
 
 async def serve_apps(core: BotCore, apps: list[PlatformApp], stop: asyncio.Event) -> int:
@@ -187,6 +205,8 @@ def _why_it_ended(app: PlatformApp | None, task: asyncio.Task[Any]) -> str:
     exc = None if task.cancelled() else task.exception()
     if exc is None:
         return f"the {name} connection closed; stopping"
+    if type(exc).__name__ == "SlackLoginFailure":  # its sentence names the variable, never the token
+        return f"{name}: {exc}"
     if type(exc).__name__ == "LoginFailure":
         return (f"{name} refused the token ({exc}). Reset it in the developer portal and set "
                 f"{name.upper()}_TOKEN again.")

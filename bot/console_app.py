@@ -12,14 +12,16 @@ import asyncio
 import contextlib
 import getpass
 import logging
+import os
 import sys
 import threading
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import TextIO
 
 from bot import messages
 from bot.commands import Actor, AdminPolicy, Commands, Reply, Submitted
-from bot.delivery import Delivery, MessageRef, Picture
+from bot.delivery import Delivery, MessageRef, Picture, PreviewPicture
 from engine import JobStatus, Origin
 from engine.history import StoredJob
 
@@ -30,21 +32,32 @@ ADMINS = AdminPolicy(everyone=True)  # whoever holds the terminal owns the machi
 
 
 class ConsoleOutlet:
-    """Prints a job's status lines and the path of its PNG (``delivery.Outlet``)."""
+    """Prints a job's status lines and the path of its PNG (``delivery.Outlet``). Previews are
+    written to ``previews_dir/<job id>-preview.jpg`` (overwritten as the job goes on, removed
+    once the image is there) and their path printed; without a folder they are not shown."""
 
     platform = PLATFORM
     progress_interval_s: float | None = 0.0  # a terminal line costs nothing: show every step
 
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: TextIO, previews_dir: Path | None = None) -> None:
         self._out = out
+        self._previews_dir = previews_dir
+        self._last: dict[str, str] = {}  # job id -> the status line printed last
 
     def mention(self, user_id: str) -> str:
         return ""
 
-    def _print(self, job: StoredJob, text: str) -> None:
+    def _print(self, job: StoredJob, text: str, *, unless_same: bool = False) -> None:
         # Status text is several lines (head, routing, prompt, job id); one line here is enough.
         lines = [ln for ln in text.splitlines() if ln and not ln.startswith("> ") and not ln.startswith("job `")]
-        print(f"job {job.id}: " + " · ".join(lines).replace("`", ""), file=self._out, flush=True)
+        line = f"job {job.id}: " + " · ".join(lines).replace("`", "")
+        if unless_same and self._last.get(job.id) == line:
+            return
+        self._last.pop(job.id, None)
+        self._last[job.id] = line
+        if len(self._last) > 256:  # failed and cancelled jobs never reach post_result
+            del self._last[next(iter(self._last))]
+        print(line, file=self._out, flush=True)
 
     async def post_status(self, job: StoredJob, text: str) -> MessageRef:
         self._print(job, text)
@@ -53,16 +66,31 @@ class ConsoleOutlet:
     async def edit_status(self, job: StoredJob, ref: MessageRef, text: str) -> None:
         self._print(job, text)
 
+    async def edit_status_with_preview(self, job: StoredJob, ref: MessageRef, text: str,
+                                       preview: PreviewPicture | None) -> None:
+        self._print(job, text, unless_same=True)  # the step line is usually out already
+        if self._previews_dir is None:
+            return
+        if preview is None:
+            await asyncio.to_thread(_remove_previews, self._previews_dir, job.id)
+            return
+        path = self._previews_dir / preview.filename
+        await asyncio.to_thread(_write_atomically, path, preview.data)
+        print(f"job {job.id}: preview at step {preview.step}/{preview.total}: {path}", file=self._out, flush=True)
+
     async def post_result(self, job: StoredJob, picture: Picture, caption: str, status: MessageRef | None) -> MessageRef:
         self._print(job, "✅ " + caption.splitlines()[-1])
         print(picture.path, file=self._out, flush=True)
+        self._last.pop(job.id, None)
+        if self._previews_dir is not None:
+            await asyncio.to_thread(_remove_previews, self._previews_dir, job.id)
         return MessageRef("terminal", job.id)
 
     async def add_reactions(self, job: StoredJob, ref: MessageRef, emojis: Sequence[str]) -> None:
         return None
 
     async def retire_status(self, job: StoredJob, ref: MessageRef) -> None:
-        return None
+        self._last.pop(job.id, None)
 
 
 class ConsoleApp:
@@ -76,7 +104,7 @@ class ConsoleApp:
         name = user or _login_name()
         self.actor = Actor(platform=PLATFORM, user_id=name, display_name=name)
         self.origin = Origin(platform=PLATFORM, channel_id="terminal")
-        self.outlet = ConsoleOutlet(self._out)
+        self.outlet = ConsoleOutlet(self._out, commands.config.data_dir / "previews")
 
     async def run(self) -> int:
         submitted: list[str] = []
@@ -125,6 +153,19 @@ async def _lines(stream: TextIO) -> AsyncIterator[str]:
     threading.Thread(target=read, name="promptpics-stdin", daemon=True).start()
     while (line := await queue.get()) is not None:
         yield line
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """A viewer that has the file open sees the old preview or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _remove_previews(folder: Path, job_id: str) -> None:
+    for path in folder.glob(f"{job_id}-preview.*"):
+        path.unlink(missing_ok=True)
 
 
 def _login_name() -> str:

@@ -8,6 +8,10 @@ the history after a restart (``JobQueued(resumed=True)``) reach their original c
 
 One small task per live job handles that job's events in order, so a slow platform call for
 one job never holds up another's.
+
+Previews (``JobPreviewed``) ride on the status edits, under the same throttle: the latest
+preview goes out with the next edit. An outlet shows them if it has the optional method
+``edit_status_with_preview`` (see ``Outlet``); one without it shows text only.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -35,12 +39,14 @@ from engine import (
     JobStatus,
 )
 from engine.history import StoredJob
+from engine.jobs import JobPreviewed
 
 log = logging.getLogger(__name__)
 
 CATCH_UP_WINDOW_S = 24 * 3600  # results finished but never posted (a crash) are posted at start
 CATCH_UP_JOBS = 50
 POSITION_UPDATES_UP_TO = 10  # queued jobs further back are not re-edited each time the queue moves
+ETA_CHANGE_SHOWN = (10.0, 0.25)  # a queued job's ETA is re-edited when it moves this much (s, share)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,12 +61,31 @@ class Picture:
     path: str | None  # where the history keeps the PNG
 
 
+@dataclass(frozen=True, slots=True)
+class PreviewPicture:
+    data: bytes  # JPEG or WebP, <= 256 px on the long side by default
+    mime: str
+    filename: str  # "<job id>-preview.jpg"
+    step: int
+    total: int
+
+
 class MessageGone(Exception):
     """The message to edit no longer exists (deleted by someone); post a new one instead."""
 
 
 class Outlet(Protocol):
-    """One platform's way of showing a job. Methods raise on failure; Delivery logs and goes on."""
+    """One platform's way of showing a job. Methods raise on failure; Delivery logs and goes on.
+
+    Optional, looked up with ``getattr`` (an outlet without it shows no previews)::
+
+        async def edit_status_with_preview(self, job: StoredJob, ref: MessageRef, text: str,
+                                           preview: PreviewPicture | None) -> None: ...
+
+    It edits the status text and replaces the message's image with ``preview``; None removes
+    the image (the job ended without one, or the safety loop rejected what it showed). It
+    raises MessageGone like ``edit_status``.
+    """
 
     platform: str
     progress_interval_s: float | None  # None: [bot] progress_interval_s
@@ -97,6 +122,10 @@ class _Track:
     position: int = 0
     started: float | None = None
     unpostable: bool = False  # posting the status failed: retry only for the final word, not every step
+    eta_s: float | None = None  # the ETA the status message shows
+    text: str = ""  # the text shown (or held back) last
+    preview: JobPreviewed | None = None  # arrived, not shown yet (withdrawn: remove the one shown)
+    preview_shown: bool = False  # the status message carries a preview image now
 
 
 class Delivery:
@@ -167,7 +196,7 @@ class Delivery:
             self._workers.add(task)
             task.add_done_callback(self._workers.discard)
         inbox.put_nowait(event)
-        if isinstance(event, JobStarted):  # everyone behind it moved up one place
+        if isinstance(event, JobStarted | JobCancelled):  # everyone behind it moved up one place
             for job_id, other in self._inboxes.items():
                 if job_id != event.job_id:
                     other.put_nowait(_MOVED)
@@ -227,20 +256,23 @@ class Delivery:
         """Show one event; True when it was the job's last."""
         job, c = track.job, self._commands
         match event:
-            case JobQueued(position=position, params=params, resumed=resumed):
-                track.position = position
+            case JobQueued(position=position, params=params, resumed=resumed, eta_s=eta_s):
+                track.position, track.eta_s = position, eta_s
                 if resumed:
                     track.status = await self._existing_status(job, track.outlet)
                 await self._show(track, messages.status_queued(
                     job_id=job.id, mention=self._mention(track), params=params, model_name=c.model_name(params.model_id),
-                    position=position, eta_s=self._eta(job.id), resumed=resumed), force=True)
+                    position=position, eta_s=eta_s, resumed=resumed), force=True)
             case _Moved() if track.started is None and track.status is not None:
                 position = self._position(job.id)
-                if position and position != track.position and position <= POSITION_UPDATES_UP_TO:
-                    track.position = position
+                if not position or position > POSITION_UPDATES_UP_TO:
+                    return False
+                eta_s = self._eta(job.id)
+                if position != track.position or _eta_moved(track.eta_s, eta_s):
+                    track.position, track.eta_s = position, eta_s
                     await self._show(track, messages.status_queued(
                         job_id=job.id, mention=self._mention(track), params=job.params,
-                        model_name=c.model_name(job.params.model_id), position=position, eta_s=self._eta(job.id)))
+                        model_name=c.model_name(job.params.model_id), position=position, eta_s=eta_s))
             case JobStarted(model_id=model_id):
                 track.started = self._clock()
                 await self._show(track, messages.status_running(
@@ -249,7 +281,17 @@ class Delivery:
                 elapsed = None if track.started is None else self._clock() - track.started
                 await self._show(track, messages.status_running(
                     job_id=job.id, mention=self._mention(track), params=job.params,
-                    model_name=c.model_name(job.params.model_id), step=step, total=total, elapsed_s=elapsed))
+                    model_name=c.model_name(job.params.model_id), step=step, total=total, elapsed_s=elapsed,
+                    left_s=self._eta(job.id) if step < total else None))
+            case JobPreviewed() as preview:
+                if _preview_editor(track.outlet) is None:
+                    return False
+                if preview.withdrawn and not track.preview_shown:
+                    track.preview = None  # nothing shown yet: drop the one waiting, if any
+                    return False
+                track.preview = preview
+                if track.status is not None:
+                    await self._show(track, track.pending or track.text)
             case JobFinished(result=result):
                 t = result.timings
                 c.eta.observe(result.params.model_id, t.load_s + t.generate_s)
@@ -263,17 +305,21 @@ class Delivery:
             case JobFailed(error_kind=kind, message=message):
                 build = messages.status_stopped if kind == "EngineStopped" else messages.status_failed
                 track.pending = None
+                self._withdraw_preview(track)  # no image came of it: the preview goes too
                 await self._show(track, build(job_id=job.id, mention=self._mention(track), message=message), force=True)
                 return True
             case JobCancelled():
                 track.pending = None
+                self._withdraw_preview(track)
                 await self._show(track, messages.status_cancelled(job_id=job.id, mention=self._mention(track)), force=True)
                 return True
         return False
 
     async def _show(self, track: _Track, text: str, *, force: bool = False) -> None:
-        """Post the status message, or edit it at most once per interval (``force``: wait for it)."""
+        """Post the status message, or edit it at most once per interval (``force``: wait for it).
+        A preview that arrived since the last edit goes out with this one."""
         outlet, job = track.outlet, track.job
+        track.text = text
         if track.status is None and track.unpostable and not force:
             return
         if track.status is not None:
@@ -284,13 +330,13 @@ class Delivery:
             if wait > 0:
                 await asyncio.sleep(wait)
             try:
-                await outlet.edit_status(job, track.status, text)
+                await self._edit(track, text)
                 track.last_edit, track.pending = self._clock(), None
                 return
             except MessageGone:
                 log.info("job %s: status message was deleted; posting a new one", job.id)
         track.status = await outlet.post_status(job, text)
-        track.last_edit, track.pending = self._clock(), None
+        track.last_edit, track.pending, track.preview_shown = self._clock(), None, False
         await self._engine.history.record_delivery(job.id, platform=outlet.platform, channel_id=track.status.channel_id,
                                                    message_id=track.status.message_id, kind="status")
         await self._react(outlet, job, track.status, self._commands.status_reactions())
@@ -305,6 +351,30 @@ class Delivery:
         await self._react(outlet, job, ref, self._commands.result_reactions(model_id))
         if status is not None:
             await outlet.retire_status(job, status)
+
+    async def _edit(self, track: _Track, text: str) -> None:
+        assert track.status is not None
+        editor = _preview_editor(track.outlet)
+        preview, track.preview = track.preview, None
+        if editor is None or preview is None or (preview.withdrawn and not track.preview_shown):
+            await track.outlet.edit_status(track.job, track.status, text)
+            return
+        picture = None
+        if not preview.withdrawn:
+            ext = "webp" if preview.mime == "image/webp" else "jpg"
+            picture = PreviewPicture(preview.image, preview.mime, f"{track.job.id}-preview.{ext}", preview.step,
+                                     preview.total)
+        try:
+            await editor(track.job, track.status, text, picture)
+        except BaseException:
+            track.preview = track.preview or preview  # shown with the next edit, if there is one
+            raise
+        track.preview_shown = picture is not None
+
+    @staticmethod
+    def _withdraw_preview(track: _Track) -> None:
+        if track.preview_shown or track.preview is not None:
+            track.preview = JobPreviewed(track.job.id, 0, 0, b"", "")
 
     @staticmethod
     async def _react(outlet: Outlet, job: StoredJob, ref: MessageRef, emojis: Sequence[str]) -> None:
@@ -324,7 +394,10 @@ class Delivery:
         return next((e.position for e in self._engine.queue_snapshot() if e.job_id == job_id), 0)
 
     def _eta(self, job_id: str) -> float | None:
-        return self._commands.eta.finish_times(self._engine.queue_snapshot()).get(job_id)
+        """The engine's ETA (recorded timings over the planned order); None where it has none
+        yet, or from an engine without ETAs (test doubles)."""
+        eta = getattr(self._engine, "eta", None)
+        return eta(job_id) if callable(eta) else None
 
     async def _existing_status(self, job: StoredJob, outlet: Outlet) -> MessageRef | None:
         found = [d for d in await self._engine.history.deliveries(job.id)
@@ -353,6 +426,20 @@ class Delivery:
                                             status)
                 except Exception:
                     log.exception("job %s: the undelivered result could not be posted", job.id)
+
+
+def _preview_editor(outlet: Outlet) -> Callable[..., Awaitable[None]] | None:
+    """The outlet's optional ``edit_status_with_preview``, or None."""
+    editor = getattr(outlet, "edit_status_with_preview", None)
+    return editor if callable(editor) else None
+
+
+def _eta_moved(shown: float | None, now: float | None) -> bool:
+    """Worth an edit: the ETA appeared, went, or moved by more than ETA_CHANGE_SHOWN."""
+    if shown is None or now is None:
+        return (shown is None) != (now is None)
+    seconds, share = ETA_CHANGE_SHOWN
+    return abs(now - shown) > max(seconds, share * shown)
 
 
 # -- images that must fit a platform's upload limit ---------------------------------------------

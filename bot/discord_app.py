@@ -30,7 +30,7 @@ from discord.gateway import DiscordWebSocket
 
 from bot import messages
 from bot.commands import Actor, AdminPolicy, Commands, ImagineOptions, Reply, Submitted
-from bot.delivery import MessageGone, MessageRef, Picture, fit_image_blocking
+from bot.delivery import MessageGone, MessageRef, Picture, PreviewPicture, fit_image_blocking
 from bot.settings import DiscordSettings
 from engine import Config, Origin
 from engine.history import StoredJob
@@ -338,6 +338,19 @@ class DiscordOutlet:
         channel = await self._channel(ref.channel_id)
         try:
             await channel.get_partial_message(int(ref.message_id)).edit(content=messages.fit_text(text, MESSAGE_LIMIT),
+                                                                        allowed_mentions=_requester_only(job))
+        except discord.NotFound as exc:
+            raise MessageGone(ref.message_id) from exc
+
+    async def edit_status_with_preview(self, job: StoredJob, ref: MessageRef, text: str,
+                                       preview: PreviewPicture | None) -> None:
+        """The status text with the preview as its one attachment (replacing the last one);
+        None removes it. A preview is a few KB, far under any upload limit."""
+        channel = await self._channel(ref.channel_id)
+        files = [discord.File(io.BytesIO(preview.data), filename=preview.filename)] if preview is not None else []
+        try:
+            await channel.get_partial_message(int(ref.message_id)).edit(content=messages.fit_text(text, MESSAGE_LIMIT),
+                                                                        attachments=files,
                                                                         allowed_mentions=_requester_only(job))
         except discord.NotFound as exc:
             raise MessageGone(ref.message_id) from exc

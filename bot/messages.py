@@ -86,7 +86,7 @@ def status_queued(*, job_id: str, mention: str, params: GenerationParams, model_
     if resumed:
         head = f"🕒 {_who(mention)}back after a restart: {where}"
     if eta_s is not None:
-        head += f" · ETA ~{duration(eta_s)}"
+        head += f" · ETA ~{duration(max(eta_s, 1.0))}"
     return "\n".join([head, routing_line(params, model_name), quote(params.prompt), f"job `{job_id}`"])
 
 
@@ -100,7 +100,7 @@ def routing_line(params: GenerationParams, model_name: str) -> str:
 
 
 def status_running(*, job_id: str, mention: str, params: GenerationParams, model_name: str, step: int = 0,
-                   total: int = 0, elapsed_s: float | None = None) -> str:
+                   total: int = 0, elapsed_s: float | None = None, left_s: float | None = None) -> str:
     if total:
         filled = 10 * step // max(total, 1)
         progress = f"`{'█' * filled}{'░' * (10 - filled)}` step {step}/{total}"
@@ -108,6 +108,8 @@ def status_running(*, job_id: str, mention: str, params: GenerationParams, model
         progress = "loading the model…"
     if elapsed_s is not None:
         progress += f" · {duration(elapsed_s)}"
+    if left_s is not None and left_s >= 1:  # under a second: the image is as good as there
+        progress += f" · ~{duration(left_s)} left"
     return "\n".join([f"🎨 {_who(mention)}rendering on {model_name}", progress, quote(params.prompt),
                       f"job `{job_id}`"])
 
@@ -271,3 +273,33 @@ def help_text(entries: Iterable[tuple[str, str, bool]], is_admin: bool) -> str:
             continue
         lines.append(f"{usage}: {summary}" + (" (admins)" if admin else ""))
     return "\n".join(lines)
+
+
+# -- Slack ---------------------------------------------------------------------------------------
+
+_CANNOT_POST = {
+    "not_in_channel": "I'm not a member of this channel. Invite me with `/invite @{bot}` and ask again.",
+    "channel_not_found": ("I can't see this conversation (a private channel I'm not in, or a direct message "
+                          "between people). Invite me with `/invite @{bot}`, or ask in a channel where I am."),
+    "is_archived": "This channel is archived. Please ask in another channel.",
+}
+
+
+def cannot_post_here(error: str, bot_name: str) -> str:
+    """Slack refused to show a job in the channel it came from (``error`` is Slack's code); no job runs."""
+    why = _CANNOT_POST.get(error, "Slack doesn't let me post in this channel ({error}). "
+                                  "Please ask in another channel, or ask a workspace admin.")
+    return "I can't post the image here: " + why.format(bot=bot_name, error=error)
+
+
+def status_done_in_thread(*, job_id: str, params: GenerationParams) -> str:
+    """A Slack status message once its image is posted: it heads the thread the image is in."""
+    return "\n".join(["✅ done: the image is in this thread.", quote(params.prompt), f"job `{job_id}`"])
+
+
+def prompt_needed(command: str) -> str:
+    return f"`{command}` needs a prompt: what should the image show?"
+
+
+def unknown_subcommand(command: str, name: str, names: Sequence[str]) -> str:
+    return f"`{command} {name}` is not a command. Try {', '.join(f'`{command} {n}`' for n in names)}."

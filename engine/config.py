@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import ConfigError
+from engine.previews import PreviewSettings, parse_previews_config
 from engine.residency import ResidencySettings, parse_residency_config
+from engine.router_config import RouterConfig, parse_router_config
 from engine.scheduler import SchedulerSettings, parse_scheduler_config
 from engine.safety.config import SafetyConfig, check_safety_models, parse_safety_config
 
@@ -77,10 +79,12 @@ class Config:
     default_guidance: float = 4.5
     router_llm_id: str = "Qwen/Qwen2.5-1.5B-Instruct"
     rewrite_llm_id: str = "Qwen/Qwen2.5-1.5B-Instruct"
+    router: RouterConfig = dataclasses.field(default_factory=RouterConfig)  # [router]: engine/router_config.py
     history: HistorySettings = HistorySettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     residency: ResidencySettings = ResidencySettings()
     safety: SafetyConfig = dataclasses.field(default_factory=SafetyConfig)
+    previews: PreviewSettings = PreviewSettings()
     # [bot], [discord] and [slack] belong to the bot side: kept raw here, validated by bot/.
     platform_tables: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     source_file: Path | None = None
@@ -136,11 +140,11 @@ def parse_config(
     profile: str | None = None,
     source_file: Path | None = None,
 ) -> Config:
-    _no_unknown_keys(raw, "", {"engine", "limits", "llm", "models", "history", "scheduler", "residency", "safety", *PLATFORM_TABLES})
+    _no_unknown_keys(raw, "", {"engine", "limits", "llm", "models", "router", "history", "scheduler", "residency", "safety", "previews", *PLATFORM_TABLES})
     engine = _table(raw, "engine")
     limits_raw = dict(_table(raw, "limits"))
     llm = _table(raw, "llm")
-    _no_unknown_keys(engine, "engine.", {f.name for f in dataclasses.fields(Config)} - {"models", "limits", "router_llm_id", "rewrite_llm_id", "history", "scheduler", "residency", "safety", "platform_tables", "source_file"})
+    _no_unknown_keys(engine, "engine.", {f.name for f in dataclasses.fields(Config)} - {"models", "limits", "router_llm_id", "rewrite_llm_id", "router", "history", "scheduler", "residency", "safety", "previews", "platform_tables", "source_file"})
     _no_unknown_keys(limits_raw, "limits.", {f.name for f in dataclasses.fields(Limits)})
     _no_unknown_keys(llm, "llm.", {"router_llm_id", "rewrite_llm_id"})
 
@@ -172,7 +176,9 @@ def parse_config(
         scheduler=parse_scheduler_config(_table(raw, "scheduler")),
         residency=parse_residency_config(_table(raw, "residency")),
         safety=parse_safety_config(_table(raw, "safety")),
+        previews=parse_previews_config(_table(raw, "previews")),
         platform_tables={name: dict(_table(raw, name)) for name in PLATFORM_TABLES if name in raw},
+        router=parse_router_config(_table(raw, "router"), list(models)),
         source_file=source_file,
     )
     _validate(config)

@@ -19,6 +19,7 @@ from typing import Any
 
 from engine.config import Config
 from engine.errors import EngineError, JobCancelledError, QueueFullError
+from engine.eta import CostBook
 from engine.executor import GpuExecutor, JobRunner, RunOutput, default_runner_blocking
 from engine.history import HistoryStore, StorageError, StoredJob
 from engine.jobs import (
@@ -28,6 +29,7 @@ from engine.jobs import (
     JobEvent,
     JobFailed,
     JobFinished,
+    JobPreviewed,
     JobProgressed,
     JobQueued,
     JobRequest,
@@ -36,16 +38,17 @@ from engine.jobs import (
     JobStatus,
     Timings,
 )
+from engine.llm import ChatLLM, LLMCache
 from engine.normalise import clean_prompt, normalise, requested_model
 from engine.pipelines import configure_torch_blocking, resolve_device_blocking, resolve_dtype
+from engine.previews import Preview
 from engine.residency import ResidencyStatus, ResidentModel
-from engine.router import DefaultRouter, Router, explicit_choice
+from engine.router import Router, build_router, explicit_choice
 from engine.safety import Attempt
 from engine.scheduler import (
     Planned,
     QueuedJob,
     RoundRobin,
-    TimingBook,
     check_user_cap,
     make_scheduler,
     needed_soon,
@@ -55,6 +58,8 @@ from engine.scheduler import (
 log = logging.getLogger(__name__)
 
 STOPPED_MESSAGE = "The bot stopped before your job finished; it is kept and will run when the bot is back."
+SEED_JOBS = 500  # recent finished jobs read at start to seed the ETAs
+ETA_DEPTH = 50  # jobs planned for a position and an ETA; further back: the queue length, no ETA
 
 
 @dataclass(slots=True, eq=False)
@@ -74,6 +79,12 @@ class _Job:
     passed_over: int = 0
     first_passed_at: float | None = None
     started_mono: float | None = None
+    # what the ETAs see of a running job (written on the GPU thread, read on the loop)
+    load_expected_s: float = 0.0
+    step: int = 0
+    first_step_at: float | None = None
+    last_step_at: float | None = None
+    previewed: bool = False  # a preview went out for the current attempt
 
     @property
     def user_key(self) -> str:
@@ -143,14 +154,17 @@ class Engine:
         self._history = history  # None: the engine opens (and closes) the one in config.data_dir
         self._owns_history = history is None
         self.resumed: list[JobHandle] = []  # jobs taken back from the history at start
-        self._router = router or DefaultRouter(config)
+        # The router LLM runs on the GPU thread, between jobs (docs/ROUTER.md).
+        self._router = router or build_router(
+            config, run_on_gpu_thread=lambda fn, *args: self._executor.submit(fn, *args), llm=self._router_llm_blocking)
         self._runner_factory = runner_factory or default_runner_blocking
         self._executor = GpuExecutor()
         self._scheduler = make_scheduler(config.scheduler)
         self._round_robin = RoundRobin()
-        self._timings = TimingBook()
+        self._timings = CostBook()  # the scheduler's per-model timings and the per-job ETA costs
         self._arrivals = itertools.count()
         self._runner: JobRunner | None = None
+        self._llms: LLMCache | None = None  # the chat LLMs, shared by the router and the safety rewriter
         self._queue: deque[_Job] = deque()
         self._jobs: dict[str, _Job] = {}
         self._running: _Job | None = None
@@ -169,6 +183,7 @@ class Engine:
         self._executor.start()
         try:
             self._runner = await self._executor.submit(self._setup_blocking)
+            await self._seed_timings()
             await self._take_back_unfinished()
             if self.config.history.keep_images_days:
                 await self.history.prune_images(self.config.history.keep_images_days)
@@ -193,6 +208,22 @@ class Engine:
         self.device = device
         return self._runner_factory(self.config, device, resolve_dtype(device, self.config.cuda_dtype))
 
+    def _llm_cache_blocking(self) -> LLMCache:
+        """GPU thread: the runner's chat-LLM cache (the safety rewriter's), or one of our own."""
+        if self._llms is None:
+            self._llms = getattr(self._runner, "llms", None) or LLMCache(
+                self.device, resolve_dtype(self.device, self.config.cuda_dtype))
+        return self._llms
+
+    def _router_llm_blocking(self) -> ChatLLM:
+        return self._llm_cache_blocking().get_blocking(self.config.router_llm_id)
+
+    async def warm_up_router(self) -> None:
+        """Load the router's embedding model and LLM now rather than on the first prompt."""
+        warm_up = getattr(self._router, "warm_up", None)
+        if warm_up is not None:
+            await warm_up()
+
     async def aclose(self) -> None:
         """Stop taking jobs and interrupt the running one. Queued and interrupted jobs stay in
         the history and run after the next start; their handles here get EngineStopped."""
@@ -209,12 +240,26 @@ class Engine:
             await self._dispatcher
         if self._runner is not None:
             await self._executor.submit(self._runner.residency.unload_all_blocking)
+        llms = self._llms or getattr(self._runner, "llms", None)
+        if llms is not None:
+            await self._executor.submit(llms.release_all_blocking)
+        router_aclose = getattr(self._router, "aclose", None)
+        if router_aclose is not None:
+            await router_aclose()
         await self._executor.stop()
         await self._close_history()
 
     async def _close_history(self) -> None:
         if self._owns_history and self._history is not None:
             await self._history.close()
+
+    async def _seed_timings(self) -> None:
+        """ETAs from the first job on: the recent finished jobs' timings, oldest first."""
+        jobs = [j for j in reversed(await self.history.recent_jobs(limit=SEED_JOBS))
+                if j.status is JobStatus.SUCCEEDED and j.params.model_id in self.config.models]
+        seeded = self._timings.seed((j.params, _busy_s(j), j.timings.load_s) for j in jobs)
+        if seeded:
+            log.info("ETAs seeded from %d recorded job(s)", seeded)
 
     async def _take_back_unfinished(self) -> None:
         """Jobs that were queued or running when the last process died run again, in their
@@ -229,7 +274,7 @@ class Engine:
             self._jobs[job.id] = job
             self._enqueue(job)
             self.resumed.append(JobHandle(self, job, len(self._queue)))
-            self._emit(job, JobQueued(job.id, len(self._queue), job.params, resumed=True))
+            self._emit(job, JobQueued(job.id, len(self._queue), job.params, resumed=True, eta_s=self.eta(job.id)))
         if self.resumed:
             log.info("took back %d unfinished job(s) from the history", len(self.resumed))
 
@@ -251,7 +296,10 @@ class Engine:
             raise EngineError("The bot is shutting down; please try again in a minute.")
         prompt = clean_prompt(request.prompt, self.config.limits)
         explicit = requested_model(request, self.config)
-        decision = explicit_choice(explicit, self.config) if explicit else await self._router.route(prompt)
+        if explicit:
+            decision = explicit_choice(explicit, self.config)
+        else:  # a near tie goes to a model that is already loaded
+            decision = await self._router.route(prompt, resident=self._resident_ids())
         params = normalise(request, self.config.model(decision.model_id), self.config, route_reason=decision.reason)
         if len(self._queue) >= self.config.limits.max_queued_jobs:
             raise QueueFullError(self.config.limits.max_queued_jobs)
@@ -264,9 +312,12 @@ class Engine:
         job = _Job(id=stored.id, request=request, params=params, events=asyncio.Queue(), created_at=created)
         self._jobs[job.id] = job
         self._enqueue(job)
-        position = next((p.position for p in self._plan(limit=50) if p.job_id == job.id), len(self._queue))
-        log.info("job %s: queued #%d for %s (%s)", job.id, position, params.model_id, decision.reason)
-        self._emit(job, JobQueued(job.id, position, params))
+        planned = self._plan(busy_for_s=self._running_left_s(time.perf_counter()), limit=ETA_DEPTH)
+        position = next((p.position for p in planned if p.job_id == job.id), len(self._queue))
+        eta_s = self._etas(planned).get(job.id)
+        log.info("job %s: queued #%d for %s (%s)%s", job.id, position, params.model_id, decision.reason,
+                 f", ETA {eta_s:.1f} s" if eta_s is not None else "")
+        self._emit(job, JobQueued(job.id, position, params, eta_s=eta_s))
         self._wakeup.set()
         return JobHandle(self, job, position)
 
@@ -289,13 +340,51 @@ class Engine:
 
     def queue_snapshot(self) -> list[QueueEntry]:
         """The running job (position 0) and the queue in the order the scheduler expects to run
-        it, each with an ETA from the recorded per-model timings."""
+        it, each with an ETA from the recorded timings (defaults where none are recorded yet)."""
         now = time.perf_counter()
         busy_for = self._running_left_s(now)
         entries = [self._entry(self._running, 0, now, busy_for)] if self._running is not None else []
         by_id = {j.id: j for j in self._queue}
-        entries += [self._entry(by_id[p.job_id], p.position, now, p.eta_s) for p in self._plan(busy_for_s=busy_for)]
+        planned = self._plan(busy_for_s=busy_for)
+        etas = self._etas(planned, busy_for, grounded_only=False)
+        entries += [self._entry(by_id[p.job_id], p.position, now, etas[p.job_id]) for p in planned]
         return entries
+
+    def eta(self, job_id: str) -> float | None:
+        """Seconds until ``job_id``'s image is expected: what is left of the running job, then
+        the jobs the scheduler would run first, each at its recorded cost (steps x size per
+        model, load times where a model must be loaded). None for a job not running or queued
+        (or further back than ETA_DEPTH), or while a job on the way has nothing recorded like
+        it (no made-up numbers)."""
+        now = time.perf_counter()
+        if self._running is not None and self._running.id == job_id:
+            return self._running_left_s(now) if self._running_grounded() else None
+        if not any(j.id == job_id for j in self._queue):
+            return None
+        return self._etas(self._plan(busy_for_s=self._running_left_s(now), limit=ETA_DEPTH)).get(job_id)
+
+    def _etas(self, planned: list[Planned], busy_for_s: float | None = None, *,
+              grounded_only: bool = True) -> dict[str, float]:
+        """Finish times along the plan, with per-job costs (the plan itself knows models only).
+        ``grounded_only``: stop at the first job whose cost rests on defaults."""
+        book = self._timings
+        t = self._running_left_s(time.perf_counter()) if busy_for_s is None else busy_for_s
+        grounded = self._running is None or self._running_grounded()
+        by_id = {j.id: j for j in self._queue}
+        out: dict[str, float] = {}
+        for p in planned:
+            job = by_id.get(p.job_id)
+            if job is None:
+                continue
+            if p.loads:
+                t += book.expected_load_s(p.model_id)
+                grounded = grounded and book.knows_load(p.model_id)
+            t += book.job_s(job.params)
+            grounded = grounded and book.confident(job.params)
+            if grounded_only and not grounded:
+                break
+            out[p.job_id] = round(t, 1)
+        return out
 
     def _entry(self, j: _Job, position: int, now: float, eta_s: float) -> QueueEntry:
         user = j.request.requester.display_name or j.request.requester.user_id
@@ -325,6 +414,9 @@ class Engine:
 
     def _known_model(self, model_id: str) -> str:
         return requested_model(JobRequest(prompt="-", model=model_id), self.config) or self.config.default_model
+
+    def _resident_ids(self) -> frozenset[str]:
+        return frozenset(m.model_id for m in self.resident_models())
 
     def resident_models(self) -> tuple[ResidentModel, ...]:
         return self._runner.residency.snapshot() if self._runner else ()
@@ -395,12 +487,31 @@ class Engine:
         job = self._running
         if job is None or job.started_mono is None:
             return 0.0
-        return max(0.0, self._timings.expected_generate_s(job.params.model_id) - (now - job.started_mono))
+        pace = None
+        if job.step >= 2 and job.first_step_at is not None and job.last_step_at is not None:
+            pace = (job.last_step_at - job.first_step_at) / (job.step - 1)
+        if job.step == 0:  # loading or encoding the prompt: the load, if one was expected, is still ahead
+            return self._timings.remaining_s(job.params, now - job.started_mono - job.load_expected_s)
+        steps_from = job.first_step_at if job.first_step_at is not None else job.started_mono
+        return self._timings.remaining_s(job.params, now - steps_from, job.step, pace)
+
+    def _running_grounded(self) -> bool:
+        """The running job's remaining time rests on something measured: its own pace (two
+        steps in), or recorded jobs of its model (and a recorded load, if it loads)."""
+        job = self._running
+        if job is None:
+            return False
+        if job.step >= 2:
+            return True
+        return self._timings.confident(job.params) and (
+            job.load_expected_s == 0.0 or self._timings.knows_load(job.params.model_id))
 
     async def _run(self, job: _Job) -> None:
         assert self._runner is not None
         job.status, self._running = JobStatus.RUNNING, job
         started = job.started_mono = time.perf_counter()
+        ready, _ = self._placements()
+        job.load_expected_s = 0.0 if job.params.model_id in ready else self._timings.expected_load_s(job.params.model_id)
         # what to keep when something must be evicted: the models the next planned jobs need
         self._runner.residency.set_needed_soon(needed_soon(self._plan(limit=8)))
         queue_wait = started - job.queued_mono
@@ -409,10 +520,25 @@ class Engine:
         recorder = _AttemptRecorder(self.history, job.id)
 
         def on_step(step: int, total: int) -> None:  # GPU thread -> loop
+            now = time.perf_counter()
+            if step == 1 or job.first_step_at is None:  # a new attempt starts counting again
+                job.first_step_at = now
+            job.step, job.last_step_at = step, now
             self._executor.call_soon_threadsafe(self._emit, job, JobProgressed(job.id, step, total))
+
+        def on_preview(preview: Preview) -> None:  # GPU thread -> loop
+            job.previewed = True
+            self._executor.call_soon_threadsafe(self._emit, job, JobPreviewed(
+                job.id, preview.step, preview.total, preview.image, preview.mime, preview.width, preview.height))
 
         def on_attempt(attempt: Attempt) -> None:  # GPU thread -> loop, in order
             self._executor.call_soon_threadsafe(recorder.add, attempt)
+            if attempt.outcome is not None and attempt.outcome != "succeeded" and job.previewed:
+                # the safety loop rejected that image: its preview must not stay up
+                job.previewed = False
+                self._executor.call_soon_threadsafe(self._emit, job, JobPreviewed(job.id, 0, job.params.steps, b"", ""))
+            if attempt.outcome is None:
+                job.step, job.first_step_at = 0, None
 
         def timings(out: RunOutput | None = None) -> Timings:
             return Timings(queue_wait, out.load_s if out else 0.0, out.generate_s if out else 0.0,
@@ -421,7 +547,8 @@ class Engine:
         try:
             try:
                 out: RunOutput = await self._executor.submit(self._runner.run_blocking, job.id, job.params, on_step,
-                                                             job.cancel, job.request.nsfw_allowed, on_attempt)
+                                                             job.cancel, job.request.nsfw_allowed, on_attempt,
+                                                             on_preview)
             finally:
                 await recorder.drain()
         except JobCancelledError:
@@ -440,7 +567,10 @@ class Engine:
             await self._finish(job, JobStatus.FAILED, JobFailed(job.id, "GenerationError", message), timings())
         else:
             final = getattr(out, "params", None) or job.params  # the safety loop may have fallen back
-            self._timings.record(final.model_id, generate_s=out.generate_s, load_s=out.load_s)
+            # what the job held the GPU thread for, the load apart: generation, safety checks and
+            # retries, PNG; what the next job in line waits for
+            busy_s = max(out.generate_s, time.perf_counter() - started - out.load_s)
+            self._timings.record_job(final, generate_s=busy_s, load_s=out.load_s)
             await self._succeed(job, out, timings(out))
 
     async def _succeed(self, job: _Job, out: RunOutput, timings: Timings) -> None:
@@ -481,6 +611,12 @@ class Engine:
         job.events.put_nowait(event)
         for q in self._subscribers:
             q.put_nowait(event)
+
+
+def _busy_s(job: StoredJob) -> float:
+    """A recorded job's time on the GPU thread, its load apart (as ``_run`` records it live)."""
+    t = job.timings
+    return max(t.generate_s, t.total_s - t.queue_wait_s - t.load_s)
 
 
 class _AttemptRecorder:

@@ -20,7 +20,7 @@ from engine.config import Config
 from engine.images import encode_png
 from engine.jobs import GenerationParams
 from engine.llm import LLMCache
-from engine.pipelines import LoadedPipeline, generate_blocking
+from engine.pipelines import LoadedPipeline, PreviewCallback, generate_blocking
 from engine.residency import ResidencyManager
 from engine.safety import Attempt, SafetyPolicy
 
@@ -111,12 +111,14 @@ class JobRunner:
                  llms: LLMCache | None = None) -> None:
         self._config = config
         self.residency = residency
+        self.llms = llms  # the chat LLM cache the router and the safety rewriter share
         self.safety = safety or SafetyPolicy.from_config(config.safety, config.models, llms=llms,
                                                          llm_source=config.rewrite_llm_id)
 
     def run_blocking(self, job_id: str, params: GenerationParams, on_step: Callable[[int, int], None],
                      cancel: threading.Event, nsfw_allowed: bool = False,
-                     on_attempt: Callable[[Attempt], None] | None = None) -> RunOutput:
+                     on_attempt: Callable[[Attempt], None] | None = None,
+                     on_preview: PreviewCallback | None = None) -> RunOutput:
         spent = {"load": 0.0, "generate": 0.0}
 
         def generate(p: GenerationParams) -> Any:  # one attempt; the policy may call it again
@@ -128,7 +130,7 @@ class JobRunner:
             # 2. generate; out of memory is recovered by phase (engine/residency/)
             started = time.perf_counter()
             try:
-                return self._generate_blocking(job_id, loaded, p, on_step, cancel)
+                return self._generate_blocking(job_id, loaded, p, on_step, cancel, on_preview)
             finally:
                 spent["generate"] += time.perf_counter() - started
 
@@ -148,11 +150,14 @@ class JobRunner:
                          outcome.attempts, outcome.notice)
 
     def _generate_blocking(self, job_id: str, loaded: LoadedPipeline, params: GenerationParams,
-                           on_step: Callable[[int, int], None], cancel: threading.Event) -> Any:
+                           on_step: Callable[[int, int], None], cancel: threading.Event,
+                           on_preview: PreviewCallback | None = None) -> Any:
         """Out of memory in the VAE decode: again with tiled decoding; while denoising: free the
         other models and retry, then CPU offload and retry (ResidencyManager decides)."""
+        previews = self._config.previews
         return self.residency.run_with_recovery_blocking(loaded.spec, lambda ready, tiled: generate_blocking(
-            ready, params, on_step=on_step, cancel=cancel, tiled_decode=tiled), job_id=job_id)
+            ready, params, on_step=on_step, cancel=cancel, tiled_decode=tiled, on_preview=on_preview,
+            previews=previews), job_id=job_id)
 
 
 def default_runner_blocking(config: Config, device: Any, dtype: Any) -> JobRunner:

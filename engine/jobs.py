@@ -100,6 +100,7 @@ class JobQueued:
     position: int  # 1 = next to run
     params: GenerationParams
     resumed: bool = False  # taken back from the history after a restart
+    eta_s: float | None = None  # seconds until the image is expected; None until timings are recorded
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +114,24 @@ class JobProgressed:
     job_id: str
     step: int  # 1-based
     total: int
+
+
+@dataclass(frozen=True, slots=True)
+class JobPreviewed:
+    """A small picture of the image so far (engine/previews.py), throttled by ``[previews]``.
+    An empty ``image`` withdraws the preview shown: the safety loop rejected that attempt."""
+
+    job_id: str
+    step: int  # 1-based; 0 with an empty image
+    total: int
+    image: bytes  # JPEG or WebP, at most ``[previews] max_side`` pixels on the long side
+    mime: str  # "image/jpeg" or "image/webp"; "" with an empty image
+    width: int = 0
+    height: int = 0
+
+    @property
+    def withdrawn(self) -> bool:
+        return not self.image
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,5 +153,5 @@ class JobCancelled:
     while_running: bool
 
 
-JobEvent = JobQueued | JobStarted | JobProgressed | JobFinished | JobFailed | JobCancelled
+JobEvent = JobQueued | JobStarted | JobProgressed | JobPreviewed | JobFinished | JobFailed | JobCancelled
 FINAL_EVENTS = (JobFinished, JobFailed, JobCancelled)

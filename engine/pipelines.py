@@ -20,11 +20,13 @@ from typing import Any
 from engine.config import ModelSpec
 from engine.errors import JobCancelledError, ModelLoadError, OutOfMemoryError
 from engine.jobs import GenerationParams
+from engine.previews import LatentPreviewer, Preview, PreviewSettings
 from engine.safety.prevention import check_latents_blocking, guard_vae_decode_blocking
 
 log = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, int], None]  # (step 1-based, total)
+PreviewCallback = Callable[[Preview], None]
 
 
 @dataclass(slots=True)
@@ -210,16 +212,22 @@ def free_memory_blocking(device: Any) -> None:
 
 
 def generate_blocking(loaded: LoadedPipeline, params: GenerationParams, *, on_step: StepCallback,
-                      cancel: threading.Event, tiled_decode: bool = False) -> Any:
+                      cancel: threading.Event, tiled_decode: bool = False, on_preview: PreviewCallback | None = None,
+                      previews: PreviewSettings | None = None) -> Any:
     """Run one generation; returns a PIL image of exactly ``params.width x params.height``.
 
     Out of memory after the last denoising step is reported with the phase "decoding with"
     (the VAE decode), before it with "generating with"; ``tiled_decode`` decodes in tiles, a
-    lower peak for a retry (engine.residency decides when)."""
+    lower peak for a retry (engine.residency decides when). ``on_preview`` gets a small
+    picture of the latents now and then (engine/previews.py; no VAE decode)."""
     import torch
 
     pipe = loaded.pipe
     steps_done = 0
+    previewer = None
+    if on_preview is not None and (previews or PreviewSettings()).enabled:
+        previewer = LatentPreviewer.for_pipeline(loaded.spec.family, pipe, params.width, params.height,
+                                                 previews or PreviewSettings(), on_preview)
 
     def step_end(p: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         nonlocal steps_done
@@ -231,6 +239,8 @@ def generate_blocking(loaded: LoadedPipeline, params: GenerationParams, *, on_st
         check_latents_blocking(kwargs.get("latents"), loaded.spec.id, i + 1)
         steps_done = i + 1
         on_step(i + 1, params.steps)
+        if previewer is not None:
+            previewer.observe_blocking(p, i + 1, params.steps, kwargs.get("latents"))
         return {}
 
     if cancel.is_set():

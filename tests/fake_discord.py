@@ -229,6 +229,7 @@ class FakeDiscord:
             "flags": body.get("flags", 0), "files": call.files, "bot_auth": call.bot_auth, "webhook": webhook,
             "reference": str((body.get("message_reference") or {}).get("message_id") or "") or None,
             "allowed_mentions": body.get("allowed_mentions"), "edits": [],
+            "edit_files": [],  # per edit that set attachments: the files it uploaded ({} removed them all)
         }
         if message["reference"]:
             message["message_reference"] = {"message_id": message["reference"], "channel_id": channel_id}
@@ -237,7 +238,8 @@ class FakeDiscord:
 
     @staticmethod
     def _public(message: dict[str, Any]) -> dict[str, Any]:
-        hidden = {"files", "bot_auth", "webhook", "reference", "allowed_mentions", "edits", "deleted", "token"}
+        hidden = {"files", "bot_auth", "webhook", "reference", "allowed_mentions", "edits", "edit_files", "deleted",
+                  "token"}
         return {k: v for k, v in message.items() if k not in hidden}
 
     async def _callback(self, request: web.Request) -> web.Response:
@@ -278,8 +280,16 @@ class FakeDiscord:
         message = self._existing(request)
         if message is None:
             return _json({"message": "Unknown Message", "code": 10008}, 404)
-        message["edits"].append(self._call(request).body.get("content"))
-        message["content"] = self._call(request).body.get("content", message["content"])
+        call = self._call(request)
+        message["edits"].append(call.body.get("content"))
+        message["content"] = call.body.get("content", message["content"])
+        if "attachments" in call.body:  # the message's attachments become exactly these (Discord's rule)
+            kept = {str(a.get("id")) for a in call.body["attachments"]}
+            message["attachments"] = [a for a in message.get("attachments", []) if a["id"] in kept] + [
+                {"id": str(next(self._ids)), "filename": name, "size": len(data), "url": f"https://x/{name}",
+                 "proxy_url": f"https://x/{name}"} for name, data in call.files.items()]
+            # "files" stays what the message was posted with (results); edits are kept apart
+            message.setdefault("edit_files", []).append(dict(call.files))
         return _json(self._public(message))
 
     async def _delete_message(self, request: web.Request) -> web.Response:

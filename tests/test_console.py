@@ -57,7 +57,7 @@ def test_piped_chat_prints_routing_progress_and_the_png_path_then_exits(cli_env:
     assert done.returncode == 0, done.stderr
     out = done.stdout
     job_id = JOB_LINE.search(out)[1]  # type: ignore[index]
-    assert f"job {job_id}: 🕒 next in line" in out and "routed to FLUX.1-dev: the default model" in out
+    assert f"job {job_id}: 🕒 next in line" in out and "routed: a single subject -> FLUX.1-dev" in out
     assert "step 1/2" in out and "step 2/2" in out
     assert re.search(rf"^#1 {job_id} flux_dev for |^running {job_id} flux_dev for ", out, re.M)  # /queue saw it
     png = Path(out.strip().splitlines()[-1])

@@ -27,9 +27,10 @@ from PIL import Image
 from bot.cli_bot import BotCore, admin_policies, build_core, cmd_sync_commands, serve, serve_apps
 from bot.discord_app import DiscordApp, sync_commands
 from bot.settings import BotSettings, DiscordSettings, Settings
-from engine import Config, Engine, GenerationParams, JobRequest, JobStatus, Origin, Requester
+from engine import Config, Engine, GenerationParams, JobCancelled, JobProgressed, JobRequest, JobStatus, Origin, Requester
 from engine.history import HistoryStore
 from engine.images import read_png_metadata
+from engine.previews import PreviewSettings
 from tests.conftest import REPO, make_tiny_config
 from tests.fake_discord import (
     ADMIN,
@@ -290,6 +291,90 @@ async def test_cancel_reaction_on_a_status_message_cancels_queued_and_running_jo
         rows = {r.id: r.status for r in await running.history_rows()}
     assert rows == {ids[0]: JobStatus.CANCELLED, ids[1]: JobStatus.CANCELLED}
     assert fake.channel_messages(with_files=True) == []
+
+
+async def test_previews_reach_the_status_message_as_edits_with_an_image(fake: FakeDiscord, tiny_models: Any,
+                                                                        tmp_path: Path) -> None:
+    config = dataclasses.replace(make_tiny_config(tiny_models, tmp_path / "data"),
+                                 previews=PreviewSettings(every_steps=1, min_interval_s=0.0))
+    async with bot(fake, config) as running:
+        interaction = await fake.slash("imagine", {"prompt": "a neon fox", "steps": 4, "width": 128, "height": 64})
+        job_id = job_id_in((await running.reply_to(interaction))["content"])
+        result = await running.result_of(job_id)
+    status = next(m for m in fake.messages.values() if not m["webhook"] and not m["files"]
+                  and f"job `{job_id}`" in m["content"])
+    uploads = [files for files in status["edit_files"] if files]
+    assert uploads, status["edits"]
+    for files in uploads:  # each edit carried exactly one preview, replacing the last one
+        (name, data), = files.items()
+        picture = Image.open(io.BytesIO(data))
+        assert name == f"{job_id}-preview.jpg" and picture.format == "JPEG" and picture.size == (128, 64)
+    edits = [c for c in fake.calls_to("PATCH", f"/messages/{status['id']}") if c.files]
+    assert all(c.bot_auth and "rendering on" in c.body["content"] for c in edits)  # the text came along
+    assert status["deleted"] and list(result["files"]) == [f"{job_id}.png"]  # the image replaced it all
+
+
+async def test_cancel_reaction_stops_a_running_job_within_one_step_and_drops_its_preview(
+        fake: FakeDiscord, tiny_models: Any, tmp_path: Path) -> None:
+    config = dataclasses.replace(make_tiny_config(tiny_models, tmp_path / "data", max_steps=5000),
+                                 previews=PreviewSettings(every_steps=1, min_interval_s=0.0))
+    async with bot(fake, config) as running:
+        engine = running.core.engine
+        events = engine.subscribe()
+        interaction = await fake.slash("imagine", {"prompt": "slow one", "steps": 5000, "width": 64, "height": 64})
+        job_id = job_id_in((await running.reply_to(interaction))["content"])
+        status = await fake.wait_for(lambda: next(
+            (m for m in fake.channel_messages(with_files=False) if f"job `{job_id}`" in m["content"]
+             and "❌" in fake.reactions.get(int(m["id"]), []) and any(m.get("edit_files", []))), None))
+        at_cancel: list[int] = []
+        real_cancel = engine.cancel
+
+        async def cancel(cancelled_id: str) -> bool:
+            # the last step the GPU thread finished when the flag goes up (engine-internal, read-only)
+            at_cancel.append(engine._running.step if engine._running is not None else -1)
+            return await real_cancel(cancelled_id)
+
+        engine.cancel = cancel  # type: ignore[method-assign]
+        await fake.react(status["id"], "❌", user_id=ALICE)
+        steps: list[int] = []
+        while True:
+            event = await asyncio.wait_for(events.get(), 30)
+            if isinstance(event, JobProgressed) and event.job_id == job_id:
+                steps.append(event.step)
+            if isinstance(event, JobCancelled) and event.job_id == job_id:
+                break
+        await fake.wait_for(lambda: "cancelled" in fake.messages[int(status["id"])]["content"])
+        rows = {r.id: r.status for r in await running.history_rows()}
+    assert at_cancel and at_cancel[0] > 0, "the job was not running yet"
+    assert max(steps) <= at_cancel[0] + 1  # the step in flight may finish; no further one starts
+    assert rows == {job_id: JobStatus.CANCELLED}
+    message = fake.messages[int(status["id"])]
+    assert message["edit_files"][-1] == {} and message["attachments"] == []  # the preview went with it
+
+
+async def test_a_waiting_jobs_status_shows_an_eta_at_submit_and_again_as_the_queue_moves(
+        fake: FakeDiscord, tiny_models: Any, tmp_path: Path) -> None:
+    config = make_tiny_config(tiny_models, tmp_path / "data", max_steps=5000)
+    async with bot(fake, config) as running:
+        first = await fake.slash("imagine", {"prompt": "warm up", "model": "flux_dev", **SMALL})
+        await running.result_of(job_id_in((await running.reply_to(first))["content"]))  # flux has a recorded time now
+        ids = []
+        for prompt, steps in (("long one", 300), ("second", 2), ("third", 2)):
+            interaction = await fake.slash("imagine", {"prompt": prompt, "model": "flux_dev", "steps": steps,
+                                                       "width": 256 if steps > 2 else 64,
+                                                       "height": 256 if steps > 2 else 64})
+            ids.append(job_id_in((await running.reply_to(interaction))["content"]))
+            if steps > 2:  # nothing like it was recorded: its own pace, two steps in, makes the ETAs behind it
+                await fake.wait_for(lambda: any(int(n) >= 2 for m in fake.messages.values()
+                                                if f"job `{ids[0]}`" in m["content"]
+                                                for n in re.findall(r"step (\d+)/300", m["content"])))
+        await running.result_of(ids[2])
+    third = next(m for m in fake.messages.values() if not m["webhook"] and f"job `{ids[2]}`" in m["content"])
+    posted = fake.calls_to("POST", f"/channels/{CHANNEL_ID}/messages")
+    shown = [c.body["content"] for c in posted if f"job `{ids[2]}`" in c.body.get("content", "")] + third["edits"]
+    queued = [text.splitlines()[0] for text in shown if text.startswith("🕒")]
+    assert queued[0].startswith(f"🕒 <@{ALICE}> queued #2 · ETA ~"), queued
+    assert any(line.startswith(f"🕒 <@{ALICE}> next in line · ETA ~") for line in queued[1:]), queued
 
 
 # -- admin commands -------------------------------------------------------------------------------
