@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TextIO
 
-from bot.commands import AdminPolicy, Commands, EtaBook
+from bot.commands import AdminPolicy, Commands
 from bot.console_app import ADMINS as CONSOLE_ADMINS
 from bot.console_app import ConsoleApp
 from bot.delivery import Delivery, Outlet
@@ -66,7 +66,7 @@ def build_core(config: Config, settings: Settings, admins: Mapping[str, AdminPol
     # The caller may own the history, so it can stay open after the engine closes while the
     # last results are still being posted and recorded (delivery.drain).
     engine = Engine(config, history=history)
-    commands = Commands(engine, settings.bot, admins, EtaBook())
+    commands = Commands(engine, settings.bot, admins)
     delivery = Delivery(commands)
     delivery.attach()  # before the engine is entered: jobs it takes back at start are shown too
     return BotCore(engine, commands, delivery)

@@ -13,13 +13,13 @@ import asyncio
 import enum
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
 
 from bot import messages
 from bot.settings import BotSettings
-from engine import Config, Engine, EngineError, JobHandle, JobRequest, Origin, QueueEntry, Requester
-from engine.history import ModelStats, StoredJob
+from engine import Config, Engine, EngineError, JobHandle, JobRequest, Origin, Requester
+from engine.history import StoredJob
 from engine.models_info import describe_models
 
 # -- plain data ----------------------------------------------------------------------------------
@@ -239,40 +239,6 @@ def normalise_emoji(emoji: str) -> str:
 # -- ETA -----------------------------------------------------------------------------------------
 
 
-class EtaBook:
-    """Seconds a job takes per model: seeded from the history, kept current from finished jobs."""
-
-    def __init__(self, smoothing: float = 0.3) -> None:
-        self._seconds: dict[str, float] = {}
-        self._smoothing = smoothing
-
-    def seed(self, stats: Iterable[ModelStats]) -> None:
-        for s in stats:
-            if s.mean_generate_s is not None:
-                self._seconds.setdefault(s.model_id, s.mean_generate_s)
-
-    def observe(self, model_id: str, seconds: float) -> None:
-        old = self._seconds.get(model_id)
-        self._seconds[model_id] = seconds if old is None else old + self._smoothing * (seconds - old)
-
-    def estimate(self, model_id: str) -> float | None:
-        return self._seconds.get(model_id)
-
-    def finish_times(self, entries: Sequence[QueueEntry]) -> dict[str, float | None]:
-        """For each entry (running first, then in queue order): seconds until it is done,
-        or None once a model with no timing yet stands in the way."""
-        out: dict[str, float | None] = {}
-        total: float | None = 0.0
-        for e in entries:
-            each = self.estimate(e.model_id)
-            if total is not None and each is not None:
-                total += each / 2 if e.position == 0 else each  # the running one is half done, on average
-            else:
-                total = None
-            out[e.job_id] = total
-        return out
-
-
 # -- cooldown ------------------------------------------------------------------------------------
 
 
@@ -304,7 +270,6 @@ class Commands:
     engine: Engine
     settings: BotSettings
     admins: Mapping[str, AdminPolicy]  # platform -> who is an admin there
-    eta: EtaBook = field(default_factory=EtaBook)
     clock: Callable[[], float] = time.monotonic
 
     def __post_init__(self) -> None:
@@ -452,7 +417,7 @@ class Commands:
         if refused := self._refuse(actor, "queue"):
             return refused
         entries = self.engine.queue_snapshot()
-        return Reply(messages.queue_reply(entries, self.eta.finish_times(entries)))
+        return Reply(messages.queue_reply(entries))
 
     async def stats(self, actor: Actor) -> Reply:
         if refused := self._refuse(actor, "stats"):

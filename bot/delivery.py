@@ -158,7 +158,6 @@ class Delivery:
         assert self._events is not None
         catching_up: asyncio.Task[None] | None = None
         try:
-            self._commands.eta.seed(await self._engine.history.model_stats())
             self._route_waiting()  # jobs taken back at start are known before catching up
             # In the background: a platform still connecting must not hold up the others' events.
             catching_up = asyncio.create_task(self._catch_up(), name="delivery-catch-up")
@@ -294,7 +293,6 @@ class Delivery:
                     await self._show(track, track.pending or track.text)
             case JobFinished(result=result):
                 t = result.timings
-                c.eta.observe(result.params.model_id, t.load_s + t.generate_s)
                 caption = messages.caption(job_id=job.id, mention=self._mention(track), params=result.params,
                                            model_name=c.model_name(result.params.model_id), timings=t,
                                            notice=result.notice)

@@ -207,14 +207,14 @@ def models_reply(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def queue_reply(entries: Sequence[QueueEntry], etas: Mapping[str, float | None]) -> str:
+def queue_reply(entries: Sequence[QueueEntry]) -> str:
+    """The engine's view of the queue: running first, then the order its scheduler will run."""
     if not entries:
         return "The queue is empty."
     lines = [f"{len(entries)} job(s):"]
     for e in entries:
         where = "running" if e.position == 0 else f"#{e.position}"
-        eta = etas.get(e.job_id)
-        eta_text = f", ETA ~{duration(eta)}" if eta is not None and e.position > 0 else ""
+        eta_text = f", ETA ~{duration(e.eta_s)}" if e.eta_s is not None and e.position > 0 else ""
         lines.append(f"{where} `{e.job_id}` {e.model_id} for {e.user}, waited {duration(e.waited_s)}{eta_text}")
     return "\n".join(lines)
 
@@ -226,7 +226,7 @@ def stats_reply(stats: Iterable[ModelStats]) -> str:
         p95 = "-" if s.p95_generate_s is None else duration(s.p95_generate_s)
         lines.append(f"`{s.model_id}`: {s.count} job(s), {s.succeeded} ok, {s.failed} failed; "
                      f"generate mean {mean}, p95 {p95}; flagged nsfw {s.nsfw_flagged}, black {s.black_flagged}; "
-                     f"fixed by rewrite {s.fixed_by_rewrite}")
+                     f"fixed by rewrite {s.fixed_by_rewrite}, fell back {s.fell_back}, refused {s.refused}")
     return "Per model:\n" + "\n".join(lines) if lines else "No jobs yet."
 
 

@@ -23,7 +23,6 @@ from bot.commands import (
     Actor,
     AdminPolicy,
     Commands,
-    EtaBook,
     ImagineOptions,
     OptionError,
     Reply,
@@ -156,7 +155,7 @@ async def history(tmp_path: Path) -> Any:
 def make_commands(config: Config, history: HistoryStore, clock: Clock | None = None, **bot: Any) -> Commands:
     engine = FakeEngine(config, history)
     admins = {"chat": AdminPolicy(user_ids=frozenset({"root"}), role_ids=frozenset({"mods"}))}
-    return Commands(engine, BotSettings(**bot), admins, EtaBook(), clock=clock or Clock())  # type: ignore[arg-type]
+    return Commands(engine, BotSettings(**bot), admins, clock=clock or Clock())  # type: ignore[arg-type]
 
 
 PARAMS = GenerationParams(prompt="a castle", negative_prompt="fog", model_id="flux_dev", steps=24, guidance=4.5,
@@ -251,19 +250,6 @@ async def test_show_keeps_other_platforms_jobs_to_admins(config: Config, history
 
 
 # -- ETA, errors, text ---------------------------------------------------------------------------
-
-
-def test_eta_adds_up_the_jobs_ahead_and_gives_up_on_unknown_models() -> None:
-    eta = EtaBook()
-    eta.seed([ModelStats("flux_dev", 3, 3, 0, 10.0, 12.0, 0, 0, 0)])
-    eta.observe("realvis_xl", 4.0)
-    entries = [QueueEntry("a", 0, "flux_dev", "u", JobStatus.RUNNING, 1.0),
-               QueueEntry("b", 1, "realvis_xl", "u", JobStatus.QUEUED, 1.0),
-               QueueEntry("c", 2, "sd3_medium", "u", JobStatus.QUEUED, 1.0),
-               QueueEntry("d", 3, "flux_dev", "u", JobStatus.QUEUED, 1.0)]
-    assert eta.finish_times(entries) == {"a": 5.0, "b": 9.0, "c": None, "d": None}
-    eta.observe("realvis_xl", 14.0)
-    assert eta.estimate("realvis_xl") == pytest.approx(7.0)
 
 
 def test_describe_error_shows_a_sentence_never_a_path_and_logs_the_traceback(caplog: pytest.LogCaptureFixture) -> None:
@@ -456,6 +442,17 @@ async def test_a_waiting_jobs_status_follows_its_place_in_the_queue(config: Conf
     running.cancel()
     assert texts()[0].startswith("🕒 @alice queued #2")
     assert texts()[1].startswith("🕒 @alice next in line")
+
+
+def test_queue_reply_shows_the_engines_eta_for_waiting_jobs_only() -> None:
+    entries = [QueueEntry("a", 0, "flux_dev", "alice", JobStatus.RUNNING, 1.0, eta_s=4.0),
+               QueueEntry("b", 1, "realvis_xl", "bob", JobStatus.QUEUED, 2.0, eta_s=95.0),
+               QueueEntry("c", 2, "sd3_medium", "bob", JobStatus.QUEUED, 2.0, eta_s=None)]
+    lines = messages.queue_reply(entries).splitlines()
+    assert lines[0] == "3 job(s):"
+    assert lines[1].startswith("running `a` flux_dev for alice") and "ETA" not in lines[1]
+    assert lines[2].startswith("#1 `b` realvis_xl for bob") and lines[2].endswith(f"ETA ~{messages.duration(95.0)}")
+    assert "ETA" not in lines[3]  # no recorded timing: no made-up number
 
 
 def test_engine_errors_keep_their_sentence() -> None:
