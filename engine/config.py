@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.config_fields import boolean, no_unknown_keys, table
 from engine.errors import ConfigError
 from engine.previews import PreviewSettings, parse_previews_config
 from engine.residency import ResidencySettings, parse_residency_config
@@ -140,22 +141,22 @@ def parse_config(
     profile: str | None = None,
     source_file: Path | None = None,
 ) -> Config:
-    _no_unknown_keys(raw, "", {"engine", "limits", "llm", "models", "router", "history", "scheduler", "residency", "safety", "previews", *PLATFORM_TABLES})
-    engine = _table(raw, "engine")
-    limits_raw = dict(_table(raw, "limits"))
-    llm = _table(raw, "llm")
-    _no_unknown_keys(engine, "engine.", {f.name for f in dataclasses.fields(Config)} - {"models", "limits", "router_llm_id", "rewrite_llm_id", "router", "history", "scheduler", "residency", "safety", "previews", "platform_tables", "source_file"})
-    _no_unknown_keys(limits_raw, "limits.", {f.name for f in dataclasses.fields(Limits)})
-    _no_unknown_keys(llm, "llm.", {"router_llm_id", "rewrite_llm_id"})
+    no_unknown_keys(raw, "", {"engine", "limits", "llm", "models", "router", "history", "scheduler", "residency", "safety", "previews", *PLATFORM_TABLES})
+    engine = table(raw, "engine")
+    limits_raw = dict(table(raw, "limits"))
+    llm = table(raw, "llm")
+    no_unknown_keys(engine, "engine.", {f.name for f in dataclasses.fields(Config)} - {"models", "limits", "router_llm_id", "rewrite_llm_id", "router", "history", "scheduler", "residency", "safety", "previews", "platform_tables", "source_file"})
+    no_unknown_keys(limits_raw, "limits.", {f.name for f in dataclasses.fields(Limits)})
+    no_unknown_keys(llm, "llm.", {"router_llm_id", "rewrite_llm_id"})
 
     if "MAX_IMAGE_SIDE" in env:
         limits_raw["max_image_side"] = _int_from_env("MAX_IMAGE_SIDE", env["MAX_IMAGE_SIDE"])
     limits = _parse_limits(limits_raw)
 
-    models_raw = _table(raw, "models")
+    models_raw = table(raw, "models")
     if not models_raw:
         raise ConfigError("models", {}, "at least one [models.<id>] table is required")
-    models = {mid: _parse_model(mid, _table(models_raw, mid, "models."), base_dir) for mid in models_raw}
+    models = {mid: _parse_model(mid, table(models_raw, mid, "models."), base_dir) for mid in models_raw}
     if env.get("LOGO_SDXL_MODEL_ID") and "logo_sdxl" in models:
         models["logo_sdxl"] = dataclasses.replace(models["logo_sdxl"], source=env["LOGO_SDXL_MODEL_ID"])
 
@@ -172,13 +173,13 @@ def parse_config(
         default_guidance=_float(engine, "default_guidance", "engine.", 4.5),
         router_llm_id=env.get("ROUTER_LLM_ID") or _str(llm, "router_llm_id", "llm.", Config.router_llm_id),
         rewrite_llm_id=env.get("REWRITE_LLM_ID") or _str(llm, "rewrite_llm_id", "llm.", Config.rewrite_llm_id),
-        history=_parse_history(_table(raw, "history")),
-        scheduler=parse_scheduler_config(_table(raw, "scheduler")),
-        residency=parse_residency_config(_table(raw, "residency")),
-        safety=parse_safety_config(_table(raw, "safety")),
-        previews=parse_previews_config(_table(raw, "previews")),
-        platform_tables={name: dict(_table(raw, name)) for name in PLATFORM_TABLES if name in raw},
-        router=parse_router_config(_table(raw, "router"), list(models)),
+        history=_parse_history(table(raw, "history")),
+        scheduler=parse_scheduler_config(table(raw, "scheduler")),
+        residency=parse_residency_config(table(raw, "residency")),
+        safety=parse_safety_config(table(raw, "safety")),
+        previews=parse_previews_config(table(raw, "previews")),
+        platform_tables={name: dict(table(raw, name)) for name in PLATFORM_TABLES if name in raw},
+        router=parse_router_config(table(raw, "router"), list(models)),
         source_file=source_file,
     )
     _validate(config)
@@ -207,7 +208,7 @@ def _parse_limits(raw: Mapping[str, Any]) -> Limits:
 
 
 def _parse_history(raw: Mapping[str, Any]) -> HistorySettings:
-    _no_unknown_keys(raw, "history.", {f.name for f in dataclasses.fields(HistorySettings)})
+    no_unknown_keys(raw, "history.", {f.name for f in dataclasses.fields(HistorySettings)})
     settings = HistorySettings(
         keep_images_days=_int(raw, "keep_images_days", "history.", 0),
         busy_timeout_s=_float(raw, "busy_timeout_s", "history.", 5.0),
@@ -223,7 +224,7 @@ _MODEL_KEYS = {f.name for f in dataclasses.fields(ModelSpec)} - {"id"}
 
 def _parse_model(model_id: str, raw: Mapping[str, Any], base_dir: Path) -> ModelSpec:
     p = f"models.{model_id}."
-    _no_unknown_keys(raw, p, _MODEL_KEYS)
+    no_unknown_keys(raw, p, _MODEL_KEYS)
     if not model_id.replace("_", "").isalnum() or not model_id.islower():
         raise ConfigError(f"models.{model_id}", model_id, "a model id must be lower-case letters, digits and '_'")
     family = _choice(raw, "family", p, FAMILIES, None)
@@ -239,7 +240,7 @@ def _parse_model(model_id: str, raw: Mapping[str, Any], base_dir: Path) -> Model
         steps_range=_pair(raw, "steps_range", p, int),
         guidance_range=_pair(raw, "guidance_range", p, float),
         offload=_choice(raw, "offload", p, OFFLOAD_MODES, "none"),
-        exclusive=_bool(raw, "exclusive", p, False),
+        exclusive=boolean(raw, "exclusive", p, False),
         text_encoder_source=_optional_source(raw, "text_encoder_source", p, base_dir),
     )
     if family == "hidream" and not spec.text_encoder_source:
@@ -305,11 +306,6 @@ def _float(raw: Mapping[str, Any], key: str, prefix: str, default: float | None)
     return float(value)
 
 
-def _bool(raw: Mapping[str, Any], key: str, prefix: str, default: bool) -> bool:
-    value = raw.get(key, default)
-    if not isinstance(value, bool):
-        raise ConfigError(prefix + key, value, "it must be true or false")
-    return value
 
 
 def _choice(raw: Mapping[str, Any], key: str, prefix: str, allowed: tuple[str, ...], default: str | None) -> str:
@@ -343,17 +339,8 @@ def _optional_source(raw: Mapping[str, Any], key: str, prefix: str, base_dir: Pa
     return _source(_str(raw, key, prefix, None), base_dir)
 
 
-def _table(raw: Mapping[str, Any], key: str, prefix: str = "") -> Mapping[str, Any]:
-    value = raw.get(key, {})
-    if not isinstance(value, Mapping):
-        raise ConfigError(prefix + key, value, "it must be a table ([section])")
-    return value
 
 
-def _no_unknown_keys(raw: Mapping[str, Any], prefix: str, known: set[str]) -> None:
-    for key in raw:
-        if key not in known:
-            raise ConfigError(prefix + key, raw[key], f"it is not a known key here (known: {', '.join(sorted(known))})")
 
 
 def _int_from_env(name: str, text: str) -> int:

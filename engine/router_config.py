@@ -12,6 +12,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.config_fields import no_unknown_keys
 from engine.errors import ConfigError
 
 STAGES = ("rules", "embeddings", "llm")
@@ -62,7 +63,7 @@ _RULE_KEYS = {"name", "model", "when", "unless", "max_words", "confidence"}
 def parse_router_config(raw: Mapping[str, Any], model_ids: Collection[str]) -> RouterConfig:
     """``raw`` is the ``[router]`` table ({} when absent); ``model_ids`` the configured models."""
     p = "router."
-    _known(raw, p, _KEYS)
+    no_unknown_keys(raw, p, _KEYS)
     defaults = RouterConfig()
     stages = _list(raw, "stages", p, list(defaults.stages))
     for stage in stages:
@@ -137,7 +138,7 @@ def _rule(index: int, raw: Any, model_ids: Collection[str], patterns: Mapping[st
     p = f"router.rules[{index}]."
     if not isinstance(raw, Mapping):
         raise ConfigError(p[:-1], raw, "each rule must be a table ([[router.rules]])")
-    _known(raw, p, _RULE_KEYS)
+    no_unknown_keys(raw, p, _RULE_KEYS)
     model = _text(raw, "model", p, None)
     if model not in model_ids:
         raise ConfigError(p + "model", model, f"it must be one of the models: {', '.join(model_ids)}")
@@ -186,10 +187,6 @@ def _thresholds(raw: Any, model_ids: Collection[str]) -> dict[str, float]:
 # -- small typed readers: each names key, value and rule -----------------------------------
 
 
-def _known(raw: Mapping[str, Any], prefix: str, known: set[str]) -> None:
-    for key in raw:
-        if key not in known:
-            raise ConfigError(prefix + key, raw[key], f"it is not a known key here (known: {', '.join(sorted(known))})")
 
 
 def _text(raw: Mapping[str, Any], key: str, prefix: str, default: str | None) -> str:

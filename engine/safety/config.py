@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from engine.config_fields import boolean, no_unknown_keys, table
 from engine.errors import ConfigError
 
 # The classes the NudeNet 3.x ONNX model reports (nudenet/nudenet.py); checked here without
@@ -100,18 +101,18 @@ _REWRITE = {"use_llm", "max_chars", "max_new_tokens", "timeout_s"}
 
 def parse_safety_config(raw: Mapping[str, Any] | None) -> SafetyConfig:
     """``raw`` is the ``[safety]`` table (``None`` or missing keys: the defaults)."""
-    raw = _table({"safety": raw or {}}, "safety", "")
-    _known(raw, "safety.", _TOP)
+    raw = table({"safety": raw or {}}, "safety", "")
+    no_unknown_keys(raw, "safety.", _TOP)
     d = SafetyConfig()
-    black, nudenet = _table(raw, "black", "safety."), _table(raw, "nudenet", "safety.")
-    prompt, rewrite = _table(raw, "prompt", "safety."), _table(raw, "rewrite", "safety.")
-    _known(black, "safety.black.", _BLACK)
-    _known(nudenet, "safety.nudenet.", _NUDENET)
-    _known(prompt, "safety.prompt.", _PROMPT)
-    _known(rewrite, "safety.rewrite.", _REWRITE)
+    black, nudenet = table(raw, "black", "safety."), table(raw, "nudenet", "safety.")
+    prompt, rewrite = table(raw, "prompt", "safety."), table(raw, "rewrite", "safety.")
+    no_unknown_keys(black, "safety.black.", _BLACK)
+    no_unknown_keys(nudenet, "safety.nudenet.", _NUDENET)
+    no_unknown_keys(prompt, "safety.prompt.", _PROMPT)
+    no_unknown_keys(rewrite, "safety.rewrite.", _REWRITE)
     config = dataclasses.replace(
         d,
-        enabled=_bool(raw, "enabled", "safety.", d.enabled),
+        enabled=boolean(raw, "enabled", "safety.", d.enabled),
         max_attempts=_number(raw, "max_attempts", "safety.", d.max_attempts, int, 1, 10),
         fallback_model=_text(raw, "fallback_model", "safety.", d.fallback_model),
         fallback_families=_words(raw, "fallback_families", "safety.", d.fallback_families),
@@ -119,14 +120,14 @@ def parse_safety_config(raw: Mapping[str, Any] | None) -> SafetyConfig:
         dark_level=_number(black, "dark_level", "safety.black.", d.dark_level, int, 0, 255),
         dark_fraction=_number(black, "dark_fraction", "safety.black.", d.dark_fraction, float, 0.5, 1.0),
         blank_max_std=_number(black, "blank_max_std", "safety.black.", d.blank_max_std, float, 0.0, 64.0),
-        nudenet_enabled=_bool(nudenet, "enabled", "safety.nudenet.", d.nudenet_enabled),
+        nudenet_enabled=boolean(nudenet, "enabled", "safety.nudenet.", d.nudenet_enabled),
         nudenet_thresholds=_thresholds(nudenet, d.nudenet_thresholds),
-        prompt_check=_bool(prompt, "enabled", "safety.prompt.", d.prompt_check),
+        prompt_check=boolean(prompt, "enabled", "safety.prompt.", d.prompt_check),
         blocked_terms=_terms(prompt, "blocked_terms", d.blocked_terms),
         drug_terms=_terms(prompt, "drug_terms", d.drug_terms),
         minor_terms=_terms(prompt, "minor_terms", d.minor_terms),
         replacements=_replacements(prompt, d.replacements),
-        use_llm=_bool(rewrite, "use_llm", "safety.rewrite.", d.use_llm),
+        use_llm=boolean(rewrite, "use_llm", "safety.rewrite.", d.use_llm),
         rewrite_max_chars=_number(rewrite, "max_chars", "safety.rewrite.", d.rewrite_max_chars, int, 20, 2000),
         rewrite_max_new_tokens=_number(rewrite, "max_new_tokens", "safety.rewrite.", d.rewrite_max_new_tokens,
                                        int, 8, 512),
@@ -152,24 +153,10 @@ def check_safety_models(config: SafetyConfig, families: Mapping[str, str]) -> No
 # -- small readers: each names key, value and rule --------------------------------------------
 
 
-def _table(raw: Mapping[str, Any], key: str, prefix: str) -> Mapping[str, Any]:
-    value = raw.get(key, {})
-    if not isinstance(value, Mapping):
-        raise ConfigError(prefix + key, value, "it must be a table ([section])")
-    return value
 
 
-def _known(raw: Mapping[str, Any], prefix: str, known: set[str]) -> None:
-    for key in raw:
-        if key not in known:
-            raise ConfigError(prefix + key, raw[key], f"it is not a known key here (known: {', '.join(sorted(known))})")
 
 
-def _bool(raw: Mapping[str, Any], key: str, prefix: str, default: bool) -> bool:
-    value = raw.get(key, default)
-    if not isinstance(value, bool):
-        raise ConfigError(prefix + key, value, "it must be true or false")
-    return value
 
 
 def _number(raw: Mapping[str, Any], key: str, prefix: str, default: Any, kind: type, low: float, high: float) -> Any:
