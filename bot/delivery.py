@@ -33,13 +33,13 @@ from engine import (
     JobEvent,
     JobFailed,
     JobFinished,
+    JobPreviewed,
     JobProgressed,
     JobQueued,
     JobStarted,
     JobStatus,
 )
 from engine.history import StoredJob
-from engine.jobs import JobPreviewed
 
 log = logging.getLogger(__name__)
 

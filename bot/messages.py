@@ -139,11 +139,6 @@ def caption(*, job_id: str, mention: str, params: GenerationParams, model_name: 
     return "\n".join(lines)
 
 
-def reaction_hint(regenerate: str, cancel: str, model_emojis: Mapping[str, str]) -> str:
-    models = ", ".join(f"{e} {name}" for name, e in model_emojis.items())
-    return f"React {regenerate} for a new seed, {cancel} to delete" + (f", or switch model: {models}" if models else "")
-
-
 # -- replies to commands -------------------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ from engine.jobs import (
     JobEvent,
     JobFailed,
     JobFinished,
+    JobPreviewed,
     JobProgressed,
     JobQueued,
     JobRequest,
@@ -32,7 +33,7 @@ from engine.safety import BlankImageError, ImageRefusedError, SafetyConfig, Unsa
 
 __all__ = [
     "Config", "ConfigError", "Engine", "EngineError", "GenerationError", "GenerationParams", "JobCancelled",
-    "JobCancelledError", "JobEvent", "JobFailed", "JobFinished", "JobHandle", "JobProgressed", "JobQueued",
+    "JobCancelledError", "JobEvent", "JobFailed", "JobFinished", "JobHandle", "JobPreviewed", "JobProgressed", "JobQueued",
     "JobRequest", "JobResult", "JobStarted", "JobStatus", "ModelLoadError", "ModelSpec", "Origin",
     "OutOfMemoryError", "QueueEntry", "QueueFullError", "RequestError", "Requester", "Timings", "load_config",
     "with_tiny_models", "BlankImageError", "ImageRefusedError", "SafetyConfig", "UnsafeContentError",
