@@ -4,6 +4,8 @@
     ├── ConfigError                  config.toml or environment is wrong (start-up only)
     ├── RequestError                 a request field breaks a rule (names field, value, rule)
     ├── QueueFullError               the queue cannot take more jobs
+    ├── EngineClosedError            the engine is stopping or stopped: nothing more is taken
+    ├── DataFolderBusyError          another process runs jobs on this data folder (start-up only)
     ├── JobCancelledError            the job was cancelled by a user or an admin
     ├── ModelLoadError               a model could not be loaded (missing files, bad folder)
     ├── OutOfMemoryError             the GPU (or RAM) ran out of memory, even after a retry
@@ -53,6 +55,24 @@ class QueueFullError(EngineError):
     def __init__(self, limit: int) -> None:
         self.limit = limit
         super().__init__(f"The queue is full ({limit} jobs waiting); please try again in a few minutes.")
+
+
+class EngineClosedError(EngineError):
+    """A submit or an admin call reached an engine that is shutting down or has stopped."""
+
+    def __init__(self, what: str = "") -> None:
+        self.what = what
+        super().__init__("The bot is shutting down; please try again in a minute.")
+
+
+class DataFolderBusyError(EngineError):
+    """Another process holds the data folder's lock: two processes must never run the same jobs."""
+
+    def __init__(self, data_dir: str, pid: int | None, started_at: str | None) -> None:
+        self.data_dir, self.pid, self.started_at = data_dir, pid, started_at
+        who = f"pid {pid}, started at {started_at}" if pid is not None else "pid unknown"
+        super().__init__(f"another PromptPics process ({who}) is running on this data folder ({data_dir}); "
+                         "stop it first or use another data_dir")
 
 
 class JobCancelledError(EngineError):
