@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -253,6 +254,28 @@ class Cooldowns:
         last = self._last.get((actor.platform, actor.user_id))
         return 0.0 if last is None else max(0.0, self.every_s - (self._clock() - last))
 
+    def take(self, actor: Actor) -> tuple[float, float | None]:
+        """Check and set in one step (no await between: rule 6): ``(0.0, token)`` when the user
+        may go now — the cooldown runs from now — else ``(seconds to wait, None)``. Give the
+        token back with ``give_back`` if the job is then not accepted."""
+        wait = self.wait_s(actor)
+        if wait > 0:
+            return wait, None
+        key = (actor.platform, actor.user_id)
+        previous = self._last.get(key)
+        self.note(actor)
+        return 0.0, previous if previous is not None else -math.inf
+
+    def give_back(self, actor: Actor, token: float | None) -> None:
+        """Undo ``take``: the submit it allowed was refused, so it does not count."""
+        if token is None:
+            return
+        key = (actor.platform, actor.user_id)
+        if token == -math.inf:
+            self._last.pop(key, None)
+        else:
+            self._last[key] = token
+
     def note(self, actor: Actor) -> None:
         now = self._clock()
         if len(self._last) > 10_000:  # forget users whose cooldown is long over
@@ -295,14 +318,20 @@ class Commands:
 
     async def imagine(self, actor: Actor, options: ImagineOptions, origin: Origin, *,
                       adult_channel: bool = False) -> Outcome:
-        if not self.is_admin(actor) and (wait := self._cooldowns.wait_s(actor)) > 0:
-            return Reply(messages.cooldown(wait_s=wait, every_s=self._cooldowns.every_s), ok=False)
-        request = options.request(actor, origin, nsfw_allowed=self.nsfw_allowed(origin, adult_channel))
+        token: float | None = None
+        if not self.is_admin(actor):  # checked and taken before the await: concurrent commands cannot both pass
+            wait, token = self._cooldowns.take(actor)
+            if wait > 0:
+                return Reply(messages.cooldown(wait_s=wait, every_s=self._cooldowns.every_s), ok=False)
         try:
+            request = options.request(actor, origin, nsfw_allowed=self.nsfw_allowed(origin, adult_channel))
             handle = await self.engine.submit(request)
         except EngineError as exc:  # bad option, queue full, per-user cap: the sentence says why
+            self._cooldowns.give_back(actor, token)
             return Reply(exc.user_message, ok=False)
-        self._cooldowns.note(actor)
+        except BaseException:
+            self._cooldowns.give_back(actor, token)
+            raise
         return Submitted(handle, Reply(messages.imagine_ack(job_id=handle.id, position=handle.position)))
 
     async def imagine_text(self, actor: Actor, text: str, origin: Origin) -> Outcome:

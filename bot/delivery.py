@@ -7,7 +7,9 @@ subscription to the engine, made *before* the engine is entered so that jobs tak
 the history after a restart (``JobQueued(resumed=True)``) reach their original channel too.
 
 One small task per live job handles that job's events in order, so a slow platform call for
-one job never holds up another's.
+one job never holds up another's. When the queue moves, the engine publishes one ``QueueMoved``
+with every waiting job's place and ETA (from one cached plan); the first
+``POSITION_UPDATES_UP_TO`` jobs get it in their inbox. Nothing here asks the engine for a plan.
 
 Previews (``JobPreviewed``) ride on the status edits, under the same throttle: the latest
 preview goes out with the next edit. An outlet shows them if it has the optional method
@@ -29,6 +31,7 @@ from typing import Protocol
 from bot import messages
 from bot.commands import Commands
 from engine import (
+    EngineEvent,
     JobCancelled,
     JobEvent,
     JobFailed,
@@ -38,6 +41,7 @@ from engine import (
     JobQueued,
     JobStarted,
     JobStatus,
+    QueueMoved,
 )
 from engine.history import StoredJob
 
@@ -104,11 +108,12 @@ class Outlet(Protocol):
     async def retire_status(self, job: StoredJob, ref: MessageRef) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
 class _Moved:
-    """Marker for a queued job's inbox: the queue moved, its position may have changed."""
+    """For a queued job's inbox: its place and ETA in the queue's latest plan."""
 
-
-_MOVED = _Moved()
+    position: int
+    eta_s: float | None
 
 
 @dataclass(eq=False)
@@ -136,7 +141,7 @@ class Delivery:
         self._engine = commands.engine
         self._clock = clock
         self._outlets: dict[str, Outlet] = {}
-        self._events: asyncio.Queue[JobEvent] | None = None
+        self._events: asyncio.Queue[EngineEvent] | None = None
         self._inboxes: dict[str, asyncio.Queue[JobEvent | _Moved]] = {}
         self._workers: set[asyncio.Task[None]] = set()
         self._seen: OrderedDict[str, bool] = OrderedDict()  # job id -> settled (bounded)
@@ -184,7 +189,10 @@ class Delivery:
         while self._events is not None and not self._events.empty():
             self._route(self._events.get_nowait())
 
-    def _route(self, event: JobEvent) -> None:
+    def _route(self, event: EngineEvent) -> None:
+        if isinstance(event, QueueMoved):
+            self._route_moves(event)
+            return
         inbox = self._inboxes.get(event.job_id)
         if inbox is None:
             if self._seen.get(event.job_id):
@@ -195,10 +203,14 @@ class Delivery:
             self._workers.add(task)
             task.add_done_callback(self._workers.discard)
         inbox.put_nowait(event)
-        if isinstance(event, JobStarted | JobCancelled):  # everyone behind it moved up one place
-            for job_id, other in self._inboxes.items():
-                if job_id != event.job_id:
-                    other.put_nowait(_MOVED)
+
+    def _route_moves(self, event: QueueMoved) -> None:
+        """Jobs near the front are told their new place; further back they are not edited each
+        time the queue moves (their status says where they were when queued)."""
+        for place in event.places[:POSITION_UPDATES_UP_TO]:
+            inbox = self._inboxes.get(place.job_id)
+            if inbox is not None:
+                inbox.put_nowait(_Moved(place.position, place.eta_s))
 
     def _remember(self, job_id: str, *, settled: bool) -> None:
         self._seen[job_id] = settled
@@ -262,11 +274,7 @@ class Delivery:
                 await self._show(track, messages.status_queued(
                     job_id=job.id, mention=self._mention(track), params=params, model_name=c.model_name(params.model_id),
                     position=position, eta_s=eta_s, resumed=resumed), force=True)
-            case _Moved() if track.started is None and track.status is not None:
-                position = self._position(job.id)
-                if not position or position > POSITION_UPDATES_UP_TO:
-                    return False
-                eta_s = self._eta(job.id)
+            case _Moved(position=position, eta_s=eta_s) if track.started is None and track.status is not None:
                 if position != track.position or _eta_moved(track.eta_s, eta_s):
                     track.position, track.eta_s = position, eta_s
                     await self._show(track, messages.status_queued(
@@ -387,9 +395,6 @@ class Delivery:
     def _mention(self, track: _Track) -> str:
         r = track.job.requester
         return track.outlet.mention(r.user_id) if r.platform == track.outlet.platform else ""
-
-    def _position(self, job_id: str) -> int:
-        return next((e.position for e in self._engine.queue_snapshot() if e.job_id == job_id), 0)
 
     def _eta(self, job_id: str) -> float | None:
         """The engine's ETA (recorded timings over the planned order); None where it has none

@@ -4,6 +4,8 @@ from engine.config import Config, ModelSpec, load_config, with_tiny_models
 from engine.core import Engine, JobHandle, QueueEntry
 from engine.errors import (
     ConfigError,
+    DataFolderBusyError,
+    EngineClosedError,
     EngineError,
     GenerationError,
     JobCancelledError,
@@ -13,6 +15,7 @@ from engine.errors import (
     RequestError,
 )
 from engine.jobs import (
+    EngineEvent,
     GenerationParams,
     JobCancelled,
     JobEvent,
@@ -26,6 +29,8 @@ from engine.jobs import (
     JobStarted,
     JobStatus,
     Origin,
+    QueueMoved,
+    QueuePlace,
     Requester,
     Timings,
 )
@@ -37,4 +42,5 @@ __all__ = [
     "JobRequest", "JobResult", "JobStarted", "JobStatus", "ModelLoadError", "ModelSpec", "Origin",
     "OutOfMemoryError", "QueueEntry", "QueueFullError", "RequestError", "Requester", "Timings", "load_config",
     "with_tiny_models", "BlankImageError", "ImageRefusedError", "SafetyConfig", "UnsafeContentError",
+    "DataFolderBusyError", "EngineClosedError", "EngineEvent", "QueueMoved", "QueuePlace",
 ]

@@ -17,13 +17,16 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.admission import Admission
 from engine.config import Config
-from engine.errors import EngineError, JobCancelledError, QueueFullError
+from engine.datalock import DataFolderLock
+from engine.errors import EngineClosedError, EngineError, JobCancelledError
 from engine.eta import CostBook
 from engine.executor import GpuExecutor, JobRunner, RunOutput, default_runner_blocking
 from engine.history import HistoryStore, StorageError, StoredJob
 from engine.jobs import (
     FINAL_EVENTS,
+    EngineEvent,
     GenerationParams,
     JobCancelled,
     JobEvent,
@@ -36,30 +39,24 @@ from engine.jobs import (
     JobResult,
     JobStarted,
     JobStatus,
+    QueueMoved,
+    QueuePlace,
     Timings,
 )
 from engine.llm import ChatLLM, LLMCache
 from engine.normalise import clean_prompt, normalise, requested_model
+from engine.plan import QueuePlan, build_plan
 from engine.pipelines import configure_torch_blocking, resolve_device_blocking, resolve_dtype
 from engine.previews import Preview
 from engine.residency import ResidencyStatus, ResidentModel
 from engine.router import Router, build_router, explicit_choice
 from engine.safety import Attempt
-from engine.scheduler import (
-    Planned,
-    QueuedJob,
-    RoundRobin,
-    check_user_cap,
-    make_scheduler,
-    needed_soon,
-    plan,
-)
+from engine.scheduler import Planned, QueuedJob, RoundRobin, make_scheduler, needed_soon, plan
 
 log = logging.getLogger(__name__)
 
 STOPPED_MESSAGE = "The bot stopped before your job finished; it is kept and will run when the bot is back."
 SEED_JOBS = 500  # recent finished jobs read at start to seed the ETAs
-ETA_DEPTH = 50  # jobs planned for a position and an ETA; further back: the queue length, no ETA
 
 
 @dataclass(slots=True, eq=False)
@@ -88,7 +85,7 @@ class _Job:
 
     @property
     def user_key(self) -> str:
-        return f"{self.request.requester.platform}:{self.request.requester.user_id}"
+        return _user_key(self.request)
 
     def view(self) -> QueuedJob:
         return QueuedJob(self.id, self.params.model_id, self.user_key, self.seq, self.queued_mono, self.fair_tag,
@@ -153,7 +150,8 @@ class Engine:
         self.config = config
         self._history = history  # None: the engine opens (and closes) the one in config.data_dir
         self._owns_history = history is None
-        self.resumed: list[JobHandle] = []  # jobs taken back from the history at start
+        self._data_lock: DataFolderLock | None = None  # one process runs the jobs of a data folder
+        self._resumed: dict[str, JobHandle] = {}  # jobs taken back at start, until each is final
         # The router LLM runs on the GPU thread, between jobs (docs/ROUTER.md).
         self._router = router or build_router(
             config, run_on_gpu_thread=lambda fn, *args: self._executor.submit(fn, *args), llm=self._router_llm_blocking)
@@ -170,29 +168,54 @@ class Engine:
         self._running: _Job | None = None
         self._wakeup = asyncio.Event()
         self._closing = False
+        self._admission = Admission(config.limits.max_queued_jobs, config.scheduler.max_queued_per_user)
+        self._admitting = 0  # submits past their seat, not yet queued (aclose waits for them)
+        self._admitted = asyncio.Event()  # set while _admitting is 0
+        self._admitted.set()
         self._dispatcher: asyncio.Task[None] | None = None
-        self._subscribers: set[asyncio.Queue[JobEvent]] = set()
+        self._subscribers: set[asyncio.Queue[EngineEvent]] = set()
+        # the cached queue plan and what it depends on (engine/plan.py)
+        self._queue_version = 0
+        self._costs_version = 0
+        self._plan_cache: QueuePlan | None = None
+        self._publish_pending = False
         self.device: Any = None
 
     # -- lifetime --------------------------------------------------------------------------
 
     async def __aenter__(self) -> Engine:
-        if self._history is None:
-            self._history = await HistoryStore.open(self.config.data_dir,
-                                                    busy_timeout_s=self.config.history.busy_timeout_s)
-        self._executor.start()
+        # 1. own the data folder, before anything is taken back from its history: a second
+        #    process would otherwise adopt (and run again) the live one's jobs
+        folder = self._history.data_dir if self._history is not None else self.config.data_dir
+        self._data_lock = await asyncio.to_thread(DataFolderLock.acquire, folder)
         try:
-            self._runner = await self._executor.submit(self._setup_blocking)
-            await self._seed_timings()
-            await self._take_back_unfinished()
-            if self.config.history.keep_images_days:
-                await self.history.prune_images(self.config.history.keep_images_days)
+            if self._history is None:
+                self._history = await HistoryStore.open(self.config.data_dir,
+                                                        busy_timeout_s=self.config.history.busy_timeout_s)
+            self._executor.start()
+            try:
+                # 2. the GPU thread, the runner, the ETAs; 3. the jobs an earlier run left
+                self._runner = await self._executor.submit(self._setup_blocking)
+                await self._seed_timings()
+                await self._take_back_unfinished()
+                if self.config.history.keep_images_days:
+                    await self.history.prune_images(self.config.history.keep_images_days)
+            except BaseException:
+                self._admission.closed = True
+                await self._executor.stop()
+                await self._close_history()
+                raise
         except BaseException:
-            await self._executor.stop()
-            await self._close_history()
+            self._release_data_folder()
             raise
         self._dispatcher = asyncio.create_task(self._dispatch(), name="promptpics-dispatcher")
         return self
+
+    @property
+    def resumed(self) -> list[JobHandle]:
+        """Handles of the jobs taken back from the history at start that are not final yet
+        (each is released when its job ends: a long-running bot keeps none of them)."""
+        return list(self._resumed.values())
 
     @property
     def history(self) -> HistoryStore:
@@ -229,15 +252,19 @@ class Engine:
         the history and run after the next start; their handles here get EngineStopped."""
         if self._closing:
             return
-        self._closing = True
+        self._closing = self._admission.closed = True  # from here on, submits are refused at once
         while self._queue:
             job = self._queue.popleft()
+            self._admission.release(job.user_key)
             self._emit_final(job, JobFailed(job.id, "EngineStopped", STOPPED_MESSAGE))
         if self._running is not None:
             self._running.cancel.set()
         self._wakeup.set()
         if self._dispatcher is not None:
             await self._dispatcher
+        # submits already past their seat finish (routing may still use the GPU thread): each
+        # ends recorded and answered "kept for the next start", or refused
+        await self._admitted.wait()
         if self._runner is not None:
             await self._executor.submit(self._runner.residency.unload_all_blocking)
         llms = self._llms or getattr(self._runner, "llms", None)
@@ -248,6 +275,12 @@ class Engine:
             await router_aclose()
         await self._executor.stop()
         await self._close_history()
+        self._release_data_folder()
+
+    def _release_data_folder(self) -> None:
+        if self._data_lock is not None:
+            self._data_lock.release()
+            self._data_lock = None
 
     async def _close_history(self) -> None:
         if self._owns_history and self._history is not None:
@@ -272,18 +305,22 @@ class Engine:
                 continue
             job = self._job_from_history(stored)
             self._jobs[job.id] = job
+            self._admission.hold(job.user_key)  # accepted by the earlier run: no cap applies again
             self._enqueue(job)
-            self.resumed.append(JobHandle(self, job, len(self._queue)))
-            self._emit(job, JobQueued(job.id, len(self._queue), job.params, resumed=True, eta_s=self.eta(job.id)))
-        if self.resumed:
-            log.info("took back %d unfinished job(s) from the history", len(self.resumed))
+            self._resumed[job.id] = JobHandle(self, job, len(self._queue))
+        for handle in self._resumed.values():  # one plan for them all
+            handle.position = self._position(handle.id)
+            self._emit(handle._job, JobQueued(handle.id, handle.position, handle.params, resumed=True,
+                                              eta_s=self.eta(handle.id)))
+        if self._resumed:
+            log.info("took back %d unfinished job(s) from the history", len(self._resumed))
 
     @staticmethod
     def _job_from_history(stored: StoredJob) -> _Job:
         p = stored.params
         request = JobRequest(prompt=p.prompt, model=stored.model_asked, negative_prompt=p.negative_prompt,
                              steps=p.steps, guidance=p.guidance, width=p.width, height=p.height, seed=p.seed,
-                             requester=stored.requester, origin=stored.origin)
+                             requester=stored.requester, origin=stored.origin, nsfw_allowed=stored.nsfw_allowed)
         waited = max(0.0, time.time() - stored.created_at)
         return _Job(id=stored.id, request=request, params=p, events=asyncio.Queue(), created_at=stored.created_at,
                     queued_mono=time.perf_counter() - waited)
@@ -291,30 +328,50 @@ class Engine:
     # -- the public surface ----------------------------------------------------------------
 
     async def submit(self, request: JobRequest) -> JobHandle:
-        """Validate, route, queue. Raises RequestError / QueueFullError with a ready sentence."""
-        if self._closing:
-            raise EngineError("The bot is shutting down; please try again in a minute.")
+        """Validate, route, queue. Raises RequestError / QueueFullError with a ready sentence.
+
+        Rule 6 (decide, then await): the seat in the queue is checked and taken before the first
+        await and given back if anything after it fails, so concurrent submits cannot pass a cap."""
         prompt = clean_prompt(request.prompt, self.config.limits)
         explicit = requested_model(request, self.config)
+        user = _user_key(request)
+        self._admission.reserve(user)  # raises: closing, queue full, this user at the cap
+        self._admitting += 1
+        self._admitted.clear()
+        try:
+            return await self._admit(request, prompt, explicit)
+        except BaseException:
+            self._admission.release(user)
+            raise
+        finally:
+            self._admitting -= 1
+            if not self._admitting:
+                self._admitted.set()
+
+    async def _admit(self, request: JobRequest, prompt: str, explicit: str | None) -> JobHandle:
+        """A seat is held: route, normalise, record, queue."""
         if explicit:
             decision = explicit_choice(explicit, self.config)
         else:  # a near tie goes to a model that is already loaded
             decision = await self._router.route(prompt, resident=self._resident_ids())
         params = normalise(request, self.config.model(decision.model_id), self.config, route_reason=decision.reason)
-        if len(self._queue) >= self.config.limits.max_queued_jobs:
-            raise QueueFullError(self.config.limits.max_queued_jobs)
-        check_user_cap((j.view() for j in self._queue), f"{request.requester.platform}:{request.requester.user_id}",
-                       self.config.scheduler.max_queued_per_user)
+        if self._closing:
+            raise EngineClosedError("submit")
         created = time.time()
         # Recorded before it is acknowledged: once submit returns, a crash cannot lose the job.
         stored = await self.history.record_queued(requester=request.requester, origin=request.origin,
-                                                  model_asked=explicit, params=params, created_at=created)
+                                                  model_asked=explicit, params=params, created_at=created,
+                                                  nsfw_allowed=request.nsfw_allowed)
         job = _Job(id=stored.id, request=request, params=params, events=asyncio.Queue(), created_at=created)
+        if self._closing:  # stopped while it was being recorded: it is kept, and runs after the next start
+            self._admission.release(job.user_key)
+            handle = JobHandle(self, job, 0)
+            self._emit(job, JobFailed(job.id, "EngineStopped", STOPPED_MESSAGE))
+            return handle
         self._jobs[job.id] = job
-        self._enqueue(job)
-        planned = self._plan(busy_for_s=self._running_left_s(time.perf_counter()), limit=ETA_DEPTH)
-        position = next((p.position for p in planned if p.job_id == job.id), len(self._queue))
-        eta_s = self._etas(planned).get(job.id)
+        self._enqueue(job)  # the seat held since the start of submit is the job's now
+        position = self._position(job.id)
+        eta_s = self.eta(job.id)
         log.info("job %s: queued #%d for %s (%s)%s", job.id, position, params.model_id, decision.reason,
                  f", ETA {eta_s:.1f} s" if eta_s is not None else "")
         self._emit(job, JobQueued(job.id, position, params, eta_s=eta_s))
@@ -327,7 +384,7 @@ class Engine:
         if job is None or job.status.is_final:
             return False
         if job.status is JobStatus.QUEUED and job in self._queue:
-            self._queue.remove(job)
+            self._dequeue(job)
             await self._finish(job, JobStatus.CANCELLED, JobCancelled(job.id, while_running=False))
             return True
         job.cancelled_by_user = True
@@ -340,51 +397,65 @@ class Engine:
 
     def queue_snapshot(self) -> list[QueueEntry]:
         """The running job (position 0) and the queue in the order the scheduler expects to run
-        it, each with an ETA from the recorded timings (defaults where none are recorded yet)."""
+        it, each with an ETA from the recorded timings (defaults where none are recorded yet).
+        Reads the cached plan: O(n)."""
         now = time.perf_counter()
         busy_for = self._running_left_s(now)
         entries = [self._entry(self._running, 0, now, busy_for)] if self._running is not None else []
-        by_id = {j.id: j for j in self._queue}
-        planned = self._plan(busy_for_s=busy_for)
-        etas = self._etas(planned, busy_for, grounded_only=False)
-        entries += [self._entry(by_id[p.job_id], p.position, now, etas[p.job_id]) for p in planned]
+        queue_plan = self._current_plan()
+        entries += [self._entry(self._jobs[p.job_id], p.position, now, queue_plan.rough_eta(p.job_id, busy_for))
+                    for p in queue_plan.planned]
         return entries
 
     def eta(self, job_id: str) -> float | None:
         """Seconds until ``job_id``'s image is expected: what is left of the running job, then
         the jobs the scheduler would run first, each at its recorded cost (steps x size per
-        model, load times where a model must be loaded). None for a job not running or queued
-        (or further back than ETA_DEPTH), or while a job on the way has nothing recorded like
-        it (no made-up numbers)."""
+        model, load times where a model must be loaded). None for a job not running or queued,
+        or while a job on the way has nothing recorded like it (no made-up numbers). O(1) on
+        the cached plan."""
         now = time.perf_counter()
         if self._running is not None and self._running.id == job_id:
             return self._running_left_s(now) if self._running_grounded() else None
-        if not any(j.id == job_id for j in self._queue):
-            return None
-        return self._etas(self._plan(busy_for_s=self._running_left_s(now), limit=ETA_DEPTH)).get(job_id)
-
-    def _etas(self, planned: list[Planned], busy_for_s: float | None = None, *,
-              grounded_only: bool = True) -> dict[str, float]:
-        """Finish times along the plan, with per-job costs (the plan itself knows models only).
-        ``grounded_only``: stop at the first job whose cost rests on defaults."""
-        book = self._timings
-        t = self._running_left_s(time.perf_counter()) if busy_for_s is None else busy_for_s
         grounded = self._running is None or self._running_grounded()
-        by_id = {j.id: j for j in self._queue}
-        out: dict[str, float] = {}
-        for p in planned:
-            job = by_id.get(p.job_id)
-            if job is None:
-                continue
-            if p.loads:
-                t += book.expected_load_s(p.model_id)
-                grounded = grounded and book.knows_load(p.model_id)
-            t += book.job_s(job.params)
-            grounded = grounded and book.confident(job.params)
-            if grounded_only and not grounded:
-                break
-            out[p.job_id] = round(t, 1)
-        return out
+        return self._current_plan().eta(job_id, self._running_left_s(now), grounded)
+
+    def _position(self, job_id: str) -> int:
+        return self._current_plan().position(job_id) or len(self._queue)
+
+    def _current_plan(self) -> QueuePlan:
+        """The cached plan, computed again only when the queue, the loaded models, the running
+        job's model or the recorded costs changed since."""
+        ready, parked = self._placements()
+        running = self._running.params.model_id if self._running is not None else None
+        key = (self._queue_version, self._costs_version, ready, parked, running)
+        if self._plan_cache is None or self._plan_cache.key != key:
+            if running is not None:  # its model is ready once it finishes
+                ready |= {running}
+            self._plan_cache = build_plan(
+                key, self._scheduler, [j.view() for j in self._queue], {j.id: j.params for j in self._queue},
+                ready, parked, time.perf_counter(), self._timings, self._running_left_s(time.perf_counter()))
+        return self._plan_cache
+
+    def _queue_changed(self) -> None:
+        """Something the plan depends on changed: one ``QueueMoved`` goes out once the loop is
+        free, however many changes this loop iteration made."""
+        self._queue_version += 1
+        if self._subscribers and not self._publish_pending:
+            self._publish_pending = True
+            asyncio.get_running_loop().call_soon(self._publish_plan)
+
+    def _publish_plan(self) -> None:
+        self._publish_pending = False
+        if not self._subscribers:
+            return
+        queue_plan = self._current_plan()
+        now = time.perf_counter()
+        left, grounded = self._running_left_s(now), self._running is None or self._running_grounded()
+        places = tuple(QueuePlace(p.job_id, p.position, queue_plan.eta(p.job_id, left, grounded))
+                       for p in queue_plan.planned)
+        event = QueueMoved(places, self._running.id if self._running is not None else None)
+        for q in self._subscribers:
+            q.put_nowait(event)
 
     def _entry(self, j: _Job, position: int, now: float, eta_s: float) -> QueueEntry:
         user = j.request.requester.display_name or j.request.requester.user_id
@@ -394,14 +465,17 @@ class Engine:
         """Make a model resident ahead of demand (admin); runs on the GPU thread between jobs.
         ``pin``: exempt it from eviction by the cost rule. Returns the seconds spent loading
         (0.0 if it was already resident)."""
+        runner = self._check_open()
         spec = self.config.model(self._known_model(model_id))
-        assert self._runner is not None
-        return float(await self._executor.submit(functools.partial(self._runner.residency.preload_blocking, spec, pin=pin)))
+        try:
+            return float(await self._executor.submit(functools.partial(runner.residency.preload_blocking, spec, pin=pin)))
+        finally:
+            self._queue_changed()  # what is loaded changed: the plan and the ETAs with it
 
     async def pin(self, model_id: str, pinned: bool = True) -> None:
         """Pin (or unpin) a model: a pinned model is not evicted to make room (admin)."""
-        assert self._runner is not None
-        await self._executor.submit(self._runner.residency.pin_blocking, self._known_model(model_id), pinned)
+        runner = self._check_open()
+        await self._executor.submit(runner.residency.pin_blocking, self._known_model(model_id), pinned)
 
     def residency_status(self) -> ResidencyStatus | None:
         """Which model is where, bytes, last use, pins; the GPU budget, used and free; the RAM tier."""
@@ -409,8 +483,18 @@ class Engine:
 
     async def unload(self, model_id: str) -> bool:
         """Drop a model from memory (admin); False if it was not loaded."""
-        assert self._runner is not None
-        return bool(await self._executor.submit(self._runner.residency.unload_blocking, self._known_model(model_id)))
+        runner = self._check_open()
+        try:
+            return bool(await self._executor.submit(runner.residency.unload_blocking, self._known_model(model_id)))
+        finally:
+            self._queue_changed()
+
+    def _check_open(self) -> JobRunner:
+        """The runner, for an admin call; refused at once when the engine is not running
+        (never queued onto a GPU thread that has stopped)."""
+        if self._closing or self._runner is None:
+            raise EngineClosedError("admin")
+        return self._runner
 
     def _known_model(self, model_id: str) -> str:
         return requested_model(JobRequest(prompt="-", model=model_id), self.config) or self.config.default_model
@@ -421,13 +505,14 @@ class Engine:
     def resident_models(self) -> tuple[ResidentModel, ...]:
         return self._runner.residency.snapshot() if self._runner else ()
 
-    def subscribe(self) -> asyncio.Queue[JobEvent]:
-        """Every job's events (for the delivery side); call ``unsubscribe`` when done."""
-        q: asyncio.Queue[JobEvent] = asyncio.Queue()
+    def subscribe(self) -> asyncio.Queue[EngineEvent]:
+        """Every job's events, and a ``QueueMoved`` after each change of the queue (for the
+        delivery side); call ``unsubscribe`` when done."""
+        q: asyncio.Queue[EngineEvent] = asyncio.Queue()
         self._subscribers.add(q)
         return q
 
-    def unsubscribe(self, q: asyncio.Queue[JobEvent]) -> None:
+    def unsubscribe(self, q: asyncio.Queue[EngineEvent]) -> None:
         self._subscribers.discard(q)
 
     # -- the dispatcher: one job at a time on the GPU thread ------------------------------
@@ -447,6 +532,7 @@ class Engine:
                 self._emit_final(job, JobFailed(job.id, "HistoryError", f"Sorry, something went wrong (job `{job.id}`)."))
             finally:
                 self._running = None
+                self._queue_changed()
 
     def _next_job(self) -> _Job:
         """The scheduler picks; the jobs it overtakes are counted, which bounds how often that happens."""
@@ -459,16 +545,24 @@ class Engine:
             passed.passed_over += 1
             passed.first_passed_at = now if passed.first_passed_at is None else passed.first_passed_at
         job = by_id[pick.job_id]
-        self._queue.remove(job)
+        self._dequeue(job)
         self._round_robin.started(job.fair_tag)
         if pick.passed_over:
             log.info("job %s: runs before %d earlier job(s) (%s)", job.id, len(pick.passed_over), pick.reason)
         return job
 
     def _enqueue(self, job: _Job) -> None:
+        """Into the queue, on the seat its submit holds (``Admission``)."""
         job.seq = next(self._arrivals)
         job.fair_tag = self._round_robin.tag(job.user_key)
         self._queue.append(job)
+        self._queue_changed()
+
+    def _dequeue(self, job: _Job) -> None:
+        """Out of the queue (it starts or is cancelled): its seat goes back."""
+        self._queue.remove(job)
+        self._admission.release(job.user_key)
+        self._queue_changed()
 
     def _placements(self) -> tuple[frozenset[str], frozenset[str]]:
         """(models ready on the device, models parked in RAM), from the thread-safe snapshot."""
@@ -513,7 +607,7 @@ class Engine:
         ready, _ = self._placements()
         job.load_expected_s = 0.0 if job.params.model_id in ready else self._timings.expected_load_s(job.params.model_id)
         # what to keep when something must be evicted: the models the next planned jobs need
-        self._runner.residency.set_needed_soon(needed_soon(self._plan(limit=8)))
+        self._runner.residency.set_needed_soon(needed_soon(self._current_plan().planned))
         queue_wait = started - job.queued_mono
         self._emit(job, JobStarted(job.id, job.params.model_id))
         # Each attempt of the safety loop opens and closes its row as it happens (a crash keeps them).
@@ -571,6 +665,7 @@ class Engine:
             # retries, PNG; what the next job in line waits for
             busy_s = max(out.generate_s, time.perf_counter() - started - out.load_s)
             self._timings.record_job(final, generate_s=busy_s, load_s=out.load_s)
+            self._costs_version += 1
             await self._succeed(job, out, timings(out))
 
     async def _succeed(self, job: _Job, out: RunOutput, timings: Timings) -> None:
@@ -605,12 +700,17 @@ class Engine:
 
     def _emit_final(self, job: _Job, event: JobEvent) -> None:
         self._jobs.pop(job.id, None)  # a long-running bot must not keep every job in memory
+        self._resumed.pop(job.id, None)
         self._emit(job, event)
 
     def _emit(self, job: _Job, event: JobEvent) -> None:
         job.events.put_nowait(event)
         for q in self._subscribers:
             q.put_nowait(event)
+
+
+def _user_key(request: JobRequest) -> str:
+    return f"{request.requester.platform}:{request.requester.user_id}"
 
 
 def _busy_s(job: StoredJob) -> float:

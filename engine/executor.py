@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.config import Config
+from engine.errors import EngineClosedError
 from engine.images import encode_png
 from engine.jobs import GenerationParams
 from engine.llm import LLMCache
@@ -36,6 +37,7 @@ class GpuExecutor:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
 
     @property
     def thread(self) -> threading.Thread:
@@ -46,13 +48,18 @@ class GpuExecutor:
         self._thread.start()
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """Queue ``fn(*args)`` for the thread. Refused at once (EngineClosedError) once ``stop``
+        was called: nothing may wait on a thread that will never run it."""
         assert self._loop is not None, "GpuExecutor.start() first"
+        if self._stopping:
+            raise EngineClosedError(getattr(fn, "__name__", "a call"))
         future = self._loop.create_future()
         self._queue.put((future, fn, args))
         return future
 
     async def stop(self) -> None:
         """Finish the current item, then end the thread (queued items run first)."""
+        self._stopping = True
         if not self._thread.is_alive():
             return
         self._queue.put(_STOP)

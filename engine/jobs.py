@@ -155,3 +155,25 @@ class JobCancelled:
 
 JobEvent = JobQueued | JobStarted | JobProgressed | JobPreviewed | JobFinished | JobFailed | JobCancelled
 FINAL_EVENTS = (JobFinished, JobFailed, JobCancelled)
+
+
+@dataclass(frozen=True, slots=True)
+class QueuePlace:
+    job_id: str
+    position: int  # 1 = next to run
+    eta_s: float | None  # seconds until the image is expected; None where nothing recorded is like it
+
+
+@dataclass(frozen=True, slots=True)
+class QueueMoved:
+    """The queue or what is loaded changed: every waiting job's place and ETA, from one plan.
+
+    Not a job's event: subscribers (``Engine.subscribe``) get it, job handles do not. One is
+    published per change (several changes in one loop iteration make one event), so a listener
+    never has to ask the engine again for each job it shows."""
+
+    places: tuple[QueuePlace, ...]  # in planned order
+    running_id: str | None = None
+
+
+EngineEvent = JobEvent | QueueMoved

@@ -27,6 +27,7 @@ Threads, and why (rule 1 of DESIGN.md: the loop never waits on torch):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import threading
@@ -124,8 +125,13 @@ class CascadeRouter:
         run_on_gpu_thread: GpuRunner | None = None,
         llm: Callable[[], ChatLLM] | None = None,
         encoder_loader: EncoderLoader | None = None,
+        index_wait_s: float | None = None,
     ) -> None:
         self._config = config
+        # how long a prompt waits for the embedded examples while they load: None, as long as
+        # embedding_load_timeout_s (stand-alone `route`); the engine's router waits a moment
+        # only, so the first prompts after start-up are never held up by the load
+        self._index_wait_s = index_wait_s
         self.settings = settings if settings is not None else getattr(config, "router", None) or RouterConfig()
         self._rules = RuleBook(self.settings.rules)
         self._model_ids = tuple(config.models)
@@ -155,18 +161,24 @@ class CascadeRouter:
     async def route(self, prompt: str, *, resident: frozenset[str] = frozenset()) -> RouteDecision:
         timings: dict[str, float] = {}
         guesses: list[_Answer] = []
+        loading = False  # the embedding stage was skipped: its model is still loading
         for stage in self.settings.stages:
             started = time.perf_counter()
             answer = await self._run_stage(stage, prompt)
             timings[stage] = (time.perf_counter() - started) * 1000
+            loading = loading or (stage == "embeddings" and self._index_loading())
             if answer is None:
                 continue
             if answer.sure:
-                return self._decide(answer, resident, timings)
+                return _noting_loading(self._decide(answer, resident, timings), loading)
             guesses.append(answer)
         if guesses:  # nobody was sure: the first guess in stage order (embeddings before the LLM)
-            return self._decide(guesses[0], resident, timings)
-        return default_decision(self._config, timings)
+            return _noting_loading(self._decide(guesses[0], resident, timings), loading)
+        return _noting_loading(default_decision(self._config, timings), loading)
+
+    def _index_loading(self) -> bool:
+        return self._index is None and self._index_task is not None and not self._index_task.done() \
+            and not self._embeddings_off
 
     async def _run_stage(self, stage: str, prompt: str) -> _Answer | None:
         try:
@@ -233,16 +245,19 @@ class CascadeRouter:
         good_at = self._config.model(best).good_at.split(";")[0].strip() or best
         return _Answer(best, probs[best], f"like the examples of {good_at}", "embeddings", sure, probs)
 
-    async def _example_index(self) -> ExampleIndex | None:
-        """The embedded examples, built once on first use (or by ``warm_up``); None when unavailable."""
+    async def _example_index(self, *, full_wait: bool = False) -> ExampleIndex | None:
+        """The embedded examples, built once on first use (or by ``warm_up``, which waits for
+        them: ``full_wait``); None when unavailable or still loading."""
         if self._index is not None or self._embeddings_off:
             return self._index
         if self._index_task is None:
             self._index_task = asyncio.ensure_future(self._in_embed_thread(self._build_index_blocking))
+        wait_s = self.settings.embedding_load_timeout_s if self._index_wait_s is None or full_wait \
+            else min(self._index_wait_s, self.settings.embedding_load_timeout_s)
         try:
-            self._index = await asyncio.wait_for(asyncio.shield(self._index_task), self.settings.embedding_load_timeout_s)
+            self._index = await asyncio.wait_for(asyncio.shield(self._index_task), wait_s)
         except TimeoutError:
-            log.warning("router: the embedding model is still loading; this prompt skips the embedding stage")
+            log.info("router: the embedding model is still loading; this prompt skips the embedding stage")
         except Exception as exc:  # EmbeddingUnavailable, or a broken folder: warn once, then stay off
             self._switch_embeddings_off(exc)
         return self._index
@@ -323,7 +338,7 @@ class CascadeRouter:
 
         Failures are warned about once and switch that stage off, as on first use."""
         if "embeddings" in self.settings.stages and self.settings.examples:
-            await self._example_index()
+            await self._example_index(full_wait=True)
         if "llm" in self.settings.stages and not self._llm_off:
             try:
                 await self._on_llm_thread(self._router_llm_blocking)
@@ -346,7 +361,18 @@ class CascadeRouter:
                 await worker.stop()
 
 
+ENGINE_INDEX_WAIT_S = 0.25  # the most a submit waits for the embedding model to finish loading
+
+
 def build_router(config: Config, *, run_on_gpu_thread: GpuRunner | None = None,
                  llm: Callable[[], ChatLLM] | None = None) -> Router:
-    """The router the engine uses: the cascade from ``config.router``."""
-    return CascadeRouter(config, run_on_gpu_thread=run_on_gpu_thread, llm=llm)
+    """The router the engine uses: the cascade from ``config.router``. Until the embedding
+    model has loaded (the bot warms it up in the background at start), prompts skip that
+    stage after at most ``ENGINE_INDEX_WAIT_S``, and their reason says so."""
+    return CascadeRouter(config, run_on_gpu_thread=run_on_gpu_thread, llm=llm, index_wait_s=ENGINE_INDEX_WAIT_S)
+
+
+def _noting_loading(decision: RouteDecision, loading: bool) -> RouteDecision:
+    if not loading:
+        return decision
+    return dataclasses.replace(decision, reason=f"{decision.reason} (the embedding stage was skipped: still loading)")

@@ -1,0 +1,52 @@
+"""Seats in the queue: who may enter, decided and reserved in one synchronous step.
+
+Rule 6 of DESIGN.md, "decide, then await": ``Engine.submit`` awaits the router and the history
+insert before a job is in the queue. A cap checked before those awaits and counted after them
+lets eight concurrent submits through a cap of two. Here a seat is *held* from the moment it is
+granted — before the first await — until the job leaves the queue (it starts, is cancelled, or
+the engine stops), and released at once if admission fails on the way.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from engine.errors import EngineClosedError, QueueFullError
+from engine.scheduler import UserQueueFullError
+
+
+class Admission:
+    """Counts seats per user and in all: queued jobs plus submits still on their way in."""
+
+    def __init__(self, max_queued_jobs: int, max_queued_per_user: int) -> None:
+        self.max_queued_jobs, self.max_queued_per_user = max_queued_jobs, max_queued_per_user
+        self._held: Counter[str] = Counter()
+        self._total = 0
+        self.closed = False
+
+    def reserve(self, user: str) -> None:
+        """Take a seat for ``user`` or raise (closing, queue full, user at the cap). No await
+        may come between a caller's decision and this call: it is the decision."""
+        if self.closed:
+            raise EngineClosedError("submit")
+        if self._total >= self.max_queued_jobs:
+            raise QueueFullError(self.max_queued_jobs)
+        if self._held[user] >= self.max_queued_per_user:
+            raise UserQueueFullError(self.max_queued_per_user)
+        self.hold(user)
+
+    def hold(self, user: str) -> None:
+        """A seat without the checks: a job accepted by an earlier run, taken back at start."""
+        self._held[user] += 1
+        self._total += 1
+
+    def release(self, user: str) -> None:
+        """The job left the queue, or never made it in."""
+        if self._held[user] <= 1:
+            self._held.pop(user, None)
+        else:
+            self._held[user] -= 1
+        self._total = max(0, self._total - 1)
+
+    def held(self, user: str | None = None) -> int:
+        return self._total if user is None else self._held[user]
