@@ -38,11 +38,23 @@ from engine.models_info import describe_models
 log = logging.getLogger("promptpics")
 
 
+def add_global_options(parser: argparse.ArgumentParser, *, in_subcommand: bool) -> None:
+    """``--config``, ``--profile`` and ``-v`` read the same before or after the subcommand.
+
+    In a subcommand their default is SUPPRESS: a value given there overrides the one given
+    before it, and one not given there leaves the earlier value (or the default) in place.
+    """
+    kept: dict[str, Any] = {"default": argparse.SUPPRESS} if in_subcommand else {}
+    group = parser.add_argument_group("global options (before or after the subcommand)")
+    group.add_argument("--config", help="config file (default: $PROMPTPICS_CONFIG, ./config.toml)", **kept)
+    group.add_argument("--profile", choices=("real", "tiny"), help="'tiny': locally built test models, no downloads",
+                       **kept)
+    group.add_argument("-v", "--verbose", action="store_true", help="log what the engine does", **kept)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="promptpics", description="Self-hosted image generation bot.")
-    parser.add_argument("--config", help="config file (default: $PROMPTPICS_CONFIG, ./config.toml)")
-    parser.add_argument("--profile", choices=("real", "tiny"), help="'tiny': locally built test models, no downloads")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
+    add_global_options(parser, in_subcommand=False)
     commands = parser.add_subparsers(dest="command", required=True)
 
     imagine = commands.add_parser("imagine", help="make one image and write it as a PNG")
@@ -76,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     stats.set_defaults(run=cmd_stats)
     add_bot_commands(commands)
     add_router_commands(commands)
+    for subcommand in commands.choices.values():  # every one, those added later included
+        add_global_options(subcommand, in_subcommand=True)
     return parser
 
 
@@ -83,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # discord.py warns at every start that voice needs PyNaCl and davey: the bot has no voice.
+    logging.getLogger("discord.client").addFilter(lambda record: "voice will NOT be supported" not in record.getMessage())
     if not args.verbose:
         # Read by transformers and diffusers when first imported: their advisory warnings
         # (a missing optional torchvision, ...) mean nothing to someone making an image.
@@ -91,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config, profile=args.profile)
         return int(asyncio.run(args.run(config, args)))
-    except EngineError as exc:
+    except EngineError as exc:  # bad config or request, a data folder another process holds, ...: one line
         print(f"promptpics: {exc.user_message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -42,10 +42,6 @@ def add_bot_commands(subparsers: Any) -> None:
     run = subparsers.add_parser("run", help="serve every chat platform whose token is set (DISCORD_TOKEN, "
                                             "SLACK_BOT_TOKEN) from one engine and one queue")
     run.set_defaults(run=cmd_run)
-    for parser in (chat, run):  # `promptpics chat --profile tiny` reads as well as `promptpics --profile tiny chat`
-        # SUPPRESS: when not given here, the value given before the subcommand stays.
-        parser.add_argument("--profile", choices=("real", "tiny"), default=argparse.SUPPRESS,
-                            help="'tiny': locally built test models, no downloads")
     sync = subparsers.add_parser("sync-commands", help="register the Discord slash commands (after install or changes)")
     sync.add_argument("--guild", type=int, metavar="ID", help="only in this server: instant, for trying changes")
     sync.set_defaults(run=cmd_sync_commands)

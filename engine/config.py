@@ -29,6 +29,9 @@ PROFILES = ("real", "tiny")
 CUDA_DTYPES = ("bfloat16", "float16")
 CONFIG_ENV = "PROMPTPICS_CONFIG"
 PLATFORM_TABLES = ("bot", "discord", "slack")
+# Module-level, not read off Config: on a slots dataclass `Config.router_llm_id` is the slot's
+# member descriptor, not this string.
+DEFAULT_LLM_ID = "Qwen/Qwen2.5-1.5B-Instruct"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,8 +81,8 @@ class Config:
     default_model: str = "flux_dev"
     default_steps: int = 24
     default_guidance: float = 4.5
-    router_llm_id: str = "Qwen/Qwen2.5-1.5B-Instruct"
-    rewrite_llm_id: str = "Qwen/Qwen2.5-1.5B-Instruct"
+    router_llm_id: str = DEFAULT_LLM_ID
+    rewrite_llm_id: str = DEFAULT_LLM_ID
     router: RouterConfig = dataclasses.field(default_factory=RouterConfig)  # [router]: engine/router_config.py
     history: HistorySettings = HistorySettings()
     scheduler: SchedulerSettings = SchedulerSettings()
@@ -171,8 +174,8 @@ def parse_config(
         default_model=_str(engine, "default_model", "engine.", "flux_dev"),
         default_steps=_int(engine, "default_steps", "engine.", 24),
         default_guidance=_float(engine, "default_guidance", "engine.", 4.5),
-        router_llm_id=env.get("ROUTER_LLM_ID") or _str(llm, "router_llm_id", "llm.", Config.router_llm_id),
-        rewrite_llm_id=env.get("REWRITE_LLM_ID") or _str(llm, "rewrite_llm_id", "llm.", Config.rewrite_llm_id),
+        router_llm_id=env.get("ROUTER_LLM_ID") or _str(llm, "router_llm_id", "llm.", DEFAULT_LLM_ID),
+        rewrite_llm_id=env.get("REWRITE_LLM_ID") or _str(llm, "rewrite_llm_id", "llm.", DEFAULT_LLM_ID),
         history=_parse_history(table(raw, "history")),
         scheduler=parse_scheduler_config(table(raw, "scheduler")),
         residency=parse_residency_config(table(raw, "residency")),

@@ -331,7 +331,9 @@ def _t5_encoder(tokenizer: PreTrainedTokenizerBase) -> Any:
         feed_forward_proj="gated-gelu",  # as T5 v1.1 / T5-XXL
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
+        # A PreTrainedConfig key T5Config's typed fields omit (it arrives through **kwargs); real T5
+        # configs carry it. mypy sees only the dataclass fields.
+        decoder_start_token_id=tokenizer.pad_token_id,  # type: ignore[call-arg]
     )
     return T5EncoderModel(config).eval()
 
@@ -345,7 +347,7 @@ def _vae(latent_channels: int, scaling_factor: float, shift_factor: float | None
     # Four blocks keep the real scale factor 2**(4-1) = 8; tiny widths and no mid-block attention
     # keep a 768x768 decode cheap on CPU.
     flow_style = shift_factor is not None
-    return AutoencoderKL(
+    return _eval_mode(AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -360,7 +362,7 @@ def _vae(latent_channels: int, scaling_factor: float, shift_factor: float | None
         use_quant_conv=not flow_style,  # the FLUX/SD3 VAEs have no quant convs, the SDXL one has
         use_post_quant_conv=not flow_style,
         mid_block_add_attention=False,
-    ).eval()
+    ))
 
 
 def _flow_scheduler(**overrides: Any) -> Any:
@@ -371,6 +373,13 @@ def _flow_scheduler(**overrides: Any) -> Any:
 
 def _save(pipe_or_model: Any, folder: Path) -> None:
     pipe_or_model.save_pretrained(folder, safe_serialization=True)
+
+
+def _eval_mode(model: Any) -> Any:
+    """``model.eval()`` for a diffusers model. Typed as Any on purpose: ``from diffusers import X``
+    shows mypy diffusers' dummy placeholder classes (its ``__init__`` imports them first under
+    TYPE_CHECKING), which lack torch.nn.Module's methods."""
+    return model.eval()
 
 
 # --------------------------------------------------------------------------- builders
@@ -390,7 +399,7 @@ def _build_flux(folder: Path) -> None:
         tokenizer=clip_tok,
         text_encoder_2=_t5_encoder(t5_tok),
         tokenizer_2=t5_tok,
-        transformer=FluxTransformer2DModel(
+        transformer=_eval_mode(FluxTransformer2DModel(
             patch_size=1,
             in_channels=_FLOW_LATENT_CHANNELS * 4,  # latents are packed 2x2
             num_layers=1,
@@ -401,7 +410,7 @@ def _build_flux(folder: Path) -> None:
             pooled_projection_dim=_CLIP_HIDDEN,  # CLIPTextModel pooler output
             guidance_embeds=True,  # FLUX.1-dev is guidance-distilled
             axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
-        ).eval(),
+        )),
     )
     _save(pipe, folder)
 
@@ -412,7 +421,7 @@ def _build_sdxl(folder: Path) -> None:
     _seed(1002)
     tok, tok_2 = _clip_tokenizer(), _clip_tokenizer()
     time_embed_dim = 8
-    unet = UNet2DConditionModel(
+    unet = _eval_mode(UNet2DConditionModel(
         sample_size=128,  # default 1024px like SDXL
         in_channels=_SDXL_LATENT_CHANNELS,
         out_channels=_SDXL_LATENT_CHANNELS,
@@ -429,7 +438,7 @@ def _build_sdxl(folder: Path) -> None:
         addition_time_embed_dim=time_embed_dim,
         # pooled text_embeds of encoder 2 + six size/crop ids (no aesthetic score)
         projection_class_embeddings_input_dim=_CLIP_PROJECTION + 6 * time_embed_dim,
-    ).eval()
+    ))
     pipe = StableDiffusionXLPipeline(
         vae=_vae(_SDXL_LATENT_CHANNELS, scaling_factor=0.13025, shift_factor=None),
         text_encoder=_clip_encoder(tok, projection=False),
@@ -468,7 +477,7 @@ def _build_sd3(folder: Path) -> None:
         tokenizer_2=tok_2,
         text_encoder_3=_t5_encoder(tok_3),
         tokenizer_3=tok_3,
-        transformer=SD3Transformer2DModel(
+        transformer=_eval_mode(SD3Transformer2DModel(
             sample_size=128,
             patch_size=2,
             in_channels=_FLOW_LATENT_CHANNELS,
@@ -480,7 +489,7 @@ def _build_sd3(folder: Path) -> None:
             caption_projection_dim=inner_dim,
             pooled_projection_dim=_CLIP_PROJECTION * 2,
             pos_embed_max_size=192,  # SD3 Medium's value: 192 patches a side, far above 768px
-        ).eval(),
+        )),
     )
     _save(pipe, folder)
 
@@ -511,7 +520,7 @@ def _build_hidream(folder: Path) -> None:
 
     _seed(1005)
     tok, tok_2, tok_3 = _clip_tokenizer(), _clip_tokenizer(), _t5_tokenizer()
-    transformer = HiDreamImageTransformer2DModel(
+    transformer = _eval_mode(HiDreamImageTransformer2DModel(
         patch_size=2,
         in_channels=_FLOW_LATENT_CHANNELS,
         out_channels=_FLOW_LATENT_CHANNELS,
@@ -526,7 +535,7 @@ def _build_hidream(folder: Path) -> None:
         axes_dims_rope=(4, 2, 2),  # sums to attention_head_dim
         max_resolution=(128, 128),  # latent size; non-square inputs are padded to this many patches
         llama_layers=[0, 1],  # one per block: num_layers + num_single_layers
-    ).eval()
+    ))
     pipe = HiDreamImagePipeline(
         scheduler=_flow_scheduler(),
         vae=_vae(_FLOW_LATENT_CHANNELS, scaling_factor=0.3611, shift_factor=0.1159),  # the FLUX VAE
@@ -551,7 +560,8 @@ def _build_chat_llm(folder: Path) -> None:
 
     _seed(1006)
     tok = _qwen_tokenizer()
-    im_end, end_of_text = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    vocab = tok.get_vocab()
+    im_end, end_of_text = vocab["<|im_end|>"], vocab["<|endoftext|>"]
     config = Qwen2Config(
         vocab_size=len(tok),
         hidden_size=32,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -39,3 +41,18 @@ def make_tiny_config(tiny_models: Any, data_dir: Path, **limits: Any) -> Config:
 @pytest.fixture
 def tiny_config(tiny_models: Any, tmp_path: Path) -> Config:
     return make_tiny_config(tiny_models, tmp_path / "data")
+
+
+@pytest.fixture
+def cli_env(tiny_models: Any, tmp_path: Path) -> dict[str, str]:
+    """The environment of a `promptpics` subprocess: its own data folder, the session's twins."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "tiny-models").symlink_to(tiny_models.root.parent)  # reuse the session's twins
+    return {**os.environ, "PROMPTPICS_DATA_DIR": str(data), "HF_HUB_OFFLINE": "1"}
+
+
+def promptpics(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``promptpics ARGS`` as a user runs it: a real subprocess."""
+    return subprocess.run([sys.executable, "-m", "bot", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=240)

@@ -4,30 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 from PIL import Image
 
 from engine.images import read_png_metadata
-from tests.conftest import REPO
-
-
-@pytest.fixture
-def cli_env(tiny_models: Any, tmp_path: Path) -> dict[str, str]:
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "tiny-models").symlink_to(tiny_models.root.parent)  # reuse the session's twins
-    return {**os.environ, "PROMPTPICS_DATA_DIR": str(data), "HF_HUB_OFFLINE": "1"}
-
-
-def promptpics(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "bot", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=240)
+from tests.conftest import REPO, promptpics
 
 
 def test_imagine_writes_a_capped_png_with_metadata_and_is_reproducible(cli_env: dict[str, str], tmp_path: Path) -> None:
