@@ -17,6 +17,12 @@ Images are written to a temporary file, fsynced and renamed, under
 ``<data_dir>/images/YYYY/MM/DD/<job_id>.png`` (UTC date of the finish); the database keeps
 the path relative to ``data_dir`` and ``StoredJob.image_path`` gives it back absolute.
 
+Cancellation: a write cancelled at any await happened whole or not at all, and the connection is
+left outside any transaction (see ``_write``). Once COMMIT is sent the write counts as done: the
+call finishes it and the cancellation lands at the caller's next await. A cancelled caller may so
+wait for a statement already under way (at most ``busy_timeout_s`` for a BEGIN that waits on
+another process).
+
 Errors (all ``EngineError``)::
 
     HistoryError            the file cannot be opened, migrated or written: locked by another
@@ -29,6 +35,7 @@ Errors (all ``EngineError``)::
 
 Schema versions: ``MIGRATIONS[v]`` takes a file from ``PRAGMA user_version`` v to v + 1; they
 run in order at open, each in its own transaction. Never edit a released script: append one.
+1: jobs, attempts, deliveries. 2: ``jobs.nsfw_allowed`` (0 for older jobs).
 """
 
 from __future__ import annotations
@@ -43,11 +50,11 @@ import re
 import secrets
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -55,6 +62,7 @@ from engine.errors import EngineError
 from engine.jobs import GenerationParams, JobStatus, Origin, Requester, Timings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ID_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"  # no 0/o and 1/l: easy to read out and type
 ID_LENGTH = 6  # 32**6 ~ 10**9 ids; a collision is rare and retried on insert
@@ -137,7 +145,13 @@ CREATE INDEX deliveries_by_job ON deliveries (job_id);
 PRAGMA application_id = 1347438915;                  -- APPLICATION_ID, "PPIC"
 """
 
-MIGRATIONS: list[str] = [_SCHEMA_V1]
+_V2_NSFW_ALLOWED = """
+-- 1 when the channel allowed adult images (JobRequest.nsfw_allowed): a job taken back after a
+-- restart runs under the safety rule it was asked under
+ALTER TABLE jobs ADD COLUMN nsfw_allowed INTEGER NOT NULL DEFAULT 0 CHECK (nsfw_allowed IN (0, 1));
+"""
+
+MIGRATIONS: list[str] = [_SCHEMA_V1, _V2_NSFW_ALLOWED]
 """``MIGRATIONS[v]`` upgrades a file from ``user_version`` v to v + 1."""
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -205,6 +219,7 @@ class StoredJob:
     error_message: str | None
     timings: Timings
     attempt_count: int
+    nsfw_allowed: bool = False  # the channel allowed adult images when the job was asked
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,7 +338,7 @@ class HistoryStore:
         async with self._lock:  # let a running transaction finish first
             db, self._db = self._db, None
             if db is not None:
-                await db.close()
+                await _to_the_end(db.close())  # cancelled or not, the file is closed when this returns
 
     async def __aenter__(self) -> HistoryStore:
         return self
@@ -377,10 +392,10 @@ class HistoryStore:
             # PRAGMA takes no parameters; v is our own loop integer, not outside data.
             script = f"BEGIN IMMEDIATE;\n{MIGRATIONS[v]}\nPRAGMA user_version = {v + 1};\nCOMMIT;"
             try:
-                await db.executescript(script)
+                # A cancelled open still lets the script finish (or fail) before the file is closed.
+                await _to_the_end(db.executescript(script))
             except sqlite3.Error as exc:
-                if db.in_transaction:
-                    await db.rollback()
+                await _to_the_end(db.rollback())  # a no-op unless the script stopped half-way
                 if _is_busy(exc):
                     raise self._translate(exc) from exc
                 if await self._scalar("PRAGMA user_version") > v:
@@ -403,17 +418,25 @@ class HistoryStore:
 
     @contextlib.asynccontextmanager
     async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
-        """One transaction: the write lock is taken at once (bounded by busy_timeout), committed on exit."""
+        """One transaction: the write lock is taken at once (bounded by busy_timeout), committed on exit.
+
+        Cancel-safe. A cancelled await does not stop the statement: aiosqlite's thread still runs
+        it (a BEGIN, say, that then opens a transaction nobody closes). So on any exception, a
+        cancellation at any await included, a ROLLBACK is queued behind whatever is in flight (the
+        thread runs calls in order; outside a transaction it does nothing) and awaited to its end
+        before the lock is let go. Once COMMIT is sent the write counts as done: COMMIT is awaited
+        to its end and a cancellation meanwhile lands at the caller's next await instead.
+        """
         async with self._lock:
             db = self._conn()
             try:
-                await db.execute("BEGIN IMMEDIATE")
                 try:
+                    await db.execute("BEGIN IMMEDIATE")
                     yield db
-                except BaseException:
-                    await db.rollback()
+                    await _to_the_end(db.execute("COMMIT"))
+                except BaseException as exc:
+                    await _to_the_end(db.rollback(), redeliver=not isinstance(exc, asyncio.CancelledError))
                     raise
-                await db.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise self._translate(exc) from exc
 
@@ -453,7 +476,7 @@ class HistoryStore:
             image_path=None if row["image_path"] is None else self._data_dir / row["image_path"],
             error_kind=row["error_kind"], error_message=row["error_message"],
             timings=Timings(row["queue_wait_s"], row["load_s"], row["generate_s"], row["total_s"]),
-            attempt_count=row["attempt_count"],
+            attempt_count=row["attempt_count"], nsfw_allowed=bool(row["nsfw_allowed"]),
         )
 
     async def _jobs(self, sql: str, args: Mapping[str, Any] | Iterable[Any] = ()) -> list[StoredJob]:
@@ -463,11 +486,12 @@ class HistoryStore:
 
     async def record_queued(self, job_id: str | None = None, *, requester: Requester, origin: Origin,
                             model_asked: str | None, params: GenerationParams,
-                            created_at: float) -> StoredJob:
+                            created_at: float, nsfw_allowed: bool = False) -> StoredJob:
         """Persist a new QUEUED job; ``job_id=None`` draws a fresh id. Returns it with its seq."""
         if job_id is not None and not _CALLER_ID.fullmatch(job_id):
             raise ValueError(f"job_id {job_id!r} must be 1-64 letters, digits, '_' or '-'")
         values = {"status": JobStatus.QUEUED.value, "created_at": created_at, "model_asked": model_asked,
+                  "nsfw_allowed": bool(nsfw_allowed),
                   **_requester_values(requester), **_origin_values(origin), **_params_values(params)}
         async with self._write() as db:
             job_id = await self._insert_job(db, job_id, values)
@@ -525,15 +549,18 @@ class HistoryStore:
         relative = _image_relpath(job_id, finished_at)
         path = self._data_dir / relative
         try:
-            await asyncio.to_thread(_save_atomically, path, png)
+            # To the end even when cancelled: a rename that lands after we stopped waiting would
+            # leave an image no row points at. A cancellation then lands in _finish, which undoes it.
+            await _to_the_end(asyncio.to_thread(_save_atomically, path, png))
         except OSError as exc:
             log.error("history: job %s: image could not be written to %s: %s", job_id, path, exc)
             raise StorageError(job_id, f"{path}: {exc}") from exc
         try:
             await self._finish(job_id, JobStatus.SUCCEEDED, finished_at, timings=timings,
                                image_path=relative.as_posix(), open_attempts="succeeded")
-        except BaseException:
-            await asyncio.to_thread(path.unlink, missing_ok=True)  # no orphan image
+        except BaseException as exc:  # the row was not written (_write commits whole or not at all)
+            await _to_the_end(asyncio.to_thread(path.unlink, missing_ok=True),  # no orphan image
+                              redeliver=not isinstance(exc, asyncio.CancelledError))
             raise
         return path
 
@@ -698,12 +725,17 @@ class HistoryStore:
             "SELECT id, image_path FROM jobs WHERE image_path IS NOT NULL AND finished_at < ?"
             " AND status IN ('succeeded', 'failed', 'cancelled')", (cutoff,))
         found = [(r["id"], r["image_path"]) for r in rows]
-        gone = await asyncio.to_thread(_delete_images, self._data_dir, found)
-        async with self._write() as db:
-            await db.executemany("UPDATE jobs SET image_path = NULL WHERE id = ? AND image_path = ?", gone)
+        # Files and rows go together even when cancelled: no row may point at a deleted image.
+        gone = await _to_the_end(self._forget_images(found))
         if gone:
             log.info("history: pruned %d image(s) older than %d day(s)", len(gone), older_than_days)
         return len(gone)
+
+    async def _forget_images(self, found: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        gone = await asyncio.to_thread(_delete_images, self._data_dir, found)
+        async with self._write() as db:
+            await db.executemany("UPDATE jobs SET image_path = NULL WHERE id = ? AND image_path = ?", gone)
+        return gone
 
 
 # -- SQL used above -------------------------------------------------------------------------
@@ -713,12 +745,12 @@ INSERT INTO jobs (id, status, created_at,
                   requester_platform, requester_user_id, requester_name,
                   origin_platform, origin_channel_id, origin_thread_id, origin_message_ref,
                   prompt, negative_prompt, model_asked, model_used, route_reason,
-                  steps, guidance, width, height, seed)
+                  steps, guidance, width, height, seed, nsfw_allowed)
 VALUES (:id, :status, :created_at,
         :requester_platform, :requester_user_id, :requester_name,
         :origin_platform, :origin_channel_id, :origin_thread_id, :origin_message_ref,
         :prompt, :negative_prompt, :model_asked, :model_used, :route_reason,
-        :steps, :guidance, :width, :height, :seed)
+        :steps, :guidance, :width, :height, :seed, :nsfw_allowed)
 """
 
 _FINISH_JOB = """
@@ -784,6 +816,31 @@ SELECT model_id,
 
 
 # -- helpers --------------------------------------------------------------------------------
+
+
+async def _to_the_end(aw: Awaitable[T], *, redeliver: bool = True) -> T:
+    """Await ``aw`` to its end even if the caller is cancelled meanwhile (trio's shielded scope).
+
+    ``asyncio.shield`` alone lets the caller go on while ``aw`` still runs; here the caller waits.
+    A cancellation that arrives meanwhile is held back and asked for again once ``aw`` is done, so
+    it lands at the caller's next await; ``redeliver=False`` when a CancelledError is already on
+    its way up (a second one would hit the caller's own clean-up).
+    """
+    inner = asyncio.ensure_future(aw)
+    task = asyncio.current_task()
+    held = False
+    try:
+        while True:
+            try:
+                return await asyncio.shield(inner)
+            except asyncio.CancelledError:
+                if inner.cancelled() or task is None:  # aw itself was cancelled: nothing to hold back
+                    raise
+                held = True
+                task.uncancel()  # keeps asyncio.timeout's count right: one cancel, asked again below
+    finally:
+        if held and redeliver and task is not None:
+            task.cancel()
 
 
 def _primary_code(exc: sqlite3.Error) -> int:
