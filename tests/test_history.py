@@ -347,7 +347,7 @@ async def test_migrations_run_forward_and_keep_data(tmp_path: Path, monkeypatch:
         old = await store.get_job("old111")
         assert old is not None and old.requester == Requester("slack", "U9", "Ann")
     con = sqlite3.connect(tmp_path / "promptpics.sqlite3")
-    assert con.execute("PRAGMA user_version").fetchone() == (2,)
+    assert con.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION + 1,)
     assert con.execute("SELECT upscaled FROM jobs WHERE id = 'old111'").fetchone() == (0,)
     con.close()
 
@@ -359,10 +359,10 @@ async def test_a_failing_migration_leaves_the_file_at_its_version(tmp_path: Path
     make_v1_file(db)
     broken = "ALTER TABLE jobs ADD COLUMN upscaled INTEGER; CREATE TABLE jobs (x);"
     monkeypatch.setattr(history, "MIGRATIONS", [*history.MIGRATIONS, broken])
-    with pytest.raises(HistoryError, match="from schema version 1 to 2 failed"):
+    with pytest.raises(HistoryError, match=f"from schema version {SCHEMA_VERSION} to {SCHEMA_VERSION + 1} failed"):
         await HistoryStore.open(tmp_path)
     con = sqlite3.connect(db)
-    assert con.execute("PRAGMA user_version").fetchone() == (1,)
+    assert con.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)  # the good ones stay
     columns = [r[1] for r in con.execute("PRAGMA table_info(jobs)")]
     assert "upscaled" not in columns  # the first statement was rolled back too
     assert con.execute("SELECT id FROM jobs").fetchall() == [("old111",)]
