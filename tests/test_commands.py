@@ -45,6 +45,8 @@ from engine import (
     JobStatus,
     Origin,
     QueueEntry,
+    QueueMoved,
+    QueuePlace,
     RequestError,
     Requester,
     Timings,
@@ -435,9 +437,8 @@ async def test_a_waiting_jobs_status_follows_its_place_in_the_queue(config: Conf
         return [text for _, kind, text in outlet.calls if kind in ("post", "edit") and f"job `{second.id}`" in text]
 
     await eventually(lambda: texts())
-    engine.snapshot = [QueueEntry(first.id, 0, "flux_dev", "alice", JobStatus.RUNNING, 1.0),
-                       QueueEntry(second.id, 1, "flux_dev", "alice", JobStatus.QUEUED, 1.0)]
     events.put_nowait(JobStarted(first.id, "flux_dev"))
+    events.put_nowait(QueueMoved((QueuePlace(second.id, 1, None),), first.id))  # the engine's one plan
     await eventually(lambda: len(texts()) == 2)
     running.cancel()
     assert texts()[0].startswith("🕒 @alice queued #2")
