@@ -331,7 +331,9 @@ class Engine:
         """Validate, route, queue. Raises RequestError / QueueFullError with a ready sentence.
 
         Rule 6 (decide, then await): the seat in the queue is checked and taken before the first
-        await and given back if anything after it fails, so concurrent submits cannot pass a cap."""
+        await and given back if anything after it fails, so concurrent submits cannot pass a cap.
+        Once the job is being recorded it is as good as accepted: a caller cancelled from then on
+        (a dropped interaction) does not take it back half-written; it is queued and delivered."""
         prompt = clean_prompt(request.prompt, self.config.limits)
         explicit = requested_model(request, self.config)
         user = _user_key(request)
@@ -339,44 +341,59 @@ class Engine:
         self._admitting += 1
         self._admitted.clear()
         try:
-            return await self._admit(request, prompt, explicit)
+            params = await self._route(request, prompt, explicit)
+            if self._closing:
+                raise EngineClosedError("submit")
+            queuing = asyncio.ensure_future(self._record_and_queue(request, params, explicit))
         except BaseException:
             self._admission.release(user)
+            self._admission_done()
             raise
-        finally:
-            self._admitting -= 1
-            if not self._admitting:
-                self._admitted.set()
+        queuing.add_done_callback(self._queued_or_failed)
+        return await asyncio.shield(queuing)
 
-    async def _admit(self, request: JobRequest, prompt: str, explicit: str | None) -> JobHandle:
-        """A seat is held: route, normalise, record, queue."""
+    async def _route(self, request: JobRequest, prompt: str, explicit: str | None) -> GenerationParams:
         if explicit:
             decision = explicit_choice(explicit, self.config)
         else:  # a near tie goes to a model that is already loaded
             decision = await self._router.route(prompt, resident=self._resident_ids())
-        params = normalise(request, self.config.model(decision.model_id), self.config, route_reason=decision.reason)
-        if self._closing:
-            raise EngineClosedError("submit")
+        return normalise(request, self.config.model(decision.model_id), self.config, route_reason=decision.reason)
+
+    async def _record_and_queue(self, request: JobRequest, params: GenerationParams, explicit: str | None) -> JobHandle:
+        """The seat is held: record the job, then queue it on that seat (or give it back)."""
         created = time.time()
-        # Recorded before it is acknowledged: once submit returns, a crash cannot lose the job.
-        stored = await self.history.record_queued(requester=request.requester, origin=request.origin,
-                                                  model_asked=explicit, params=params, created_at=created,
-                                                  nsfw_allowed=request.nsfw_allowed)
+        try:
+            # Recorded before it is acknowledged: once submit returns, a crash cannot lose the job.
+            stored = await self.history.record_queued(requester=request.requester, origin=request.origin,
+                                                      model_asked=explicit, params=params, created_at=created,
+                                                      nsfw_allowed=request.nsfw_allowed)
+        except BaseException:
+            self._admission.release(_user_key(request))
+            raise
         job = _Job(id=stored.id, request=request, params=params, events=asyncio.Queue(), created_at=created)
         if self._closing:  # stopped while it was being recorded: it is kept, and runs after the next start
             self._admission.release(job.user_key)
-            handle = JobHandle(self, job, 0)
             self._emit(job, JobFailed(job.id, "EngineStopped", STOPPED_MESSAGE))
-            return handle
+            return JobHandle(self, job, 0)
         self._jobs[job.id] = job
         self._enqueue(job)  # the seat held since the start of submit is the job's now
         position = self._position(job.id)
         eta_s = self.eta(job.id)
-        log.info("job %s: queued #%d for %s (%s)%s", job.id, position, params.model_id, decision.reason,
+        log.info("job %s: queued #%d for %s (%s)%s", job.id, position, params.model_id, params.route_reason,
                  f", ETA {eta_s:.1f} s" if eta_s is not None else "")
         self._emit(job, JobQueued(job.id, position, params, eta_s=eta_s))
         self._wakeup.set()
         return JobHandle(self, job, position)
+
+    def _queued_or_failed(self, queuing: asyncio.Future[JobHandle]) -> None:
+        if not queuing.cancelled() and queuing.exception() is not None:  # retrieved: its caller may be gone
+            log.debug("a submit failed while recording: %s", queuing.exception())
+        self._admission_done()
+
+    def _admission_done(self) -> None:
+        self._admitting -= 1
+        if not self._admitting:
+            self._admitted.set()
 
     async def cancel(self, job_id: str) -> bool:
         """Queued: removed at once. Running: stopped within one denoising step. Else False."""

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 import engine.core
+import engine.jobs as engine_jobs
 from engine import (
     DataFolderBusyError,
     Engine,
@@ -359,3 +360,31 @@ def test_the_load_benchmark_reports_every_key() -> None:
                 "submit_ms"):
         assert key in report
     assert report["lost"] == report["duplicates"] == report["cap_violations"] == 0
+
+
+async def test_a_submit_cancelled_while_its_job_is_recorded_still_queues_and_runs_it(tiny_models: Any,
+                                                                                     tmp_path: Path) -> None:
+    config = make_tiny_config(tiny_models, tmp_path / "data")
+    async with Engine(config) as engine:
+        feed = engine.subscribe()
+        writing = asyncio.Event()
+        real_record = engine.history.record_queued
+
+        async def watched_record(**kwargs: Any) -> Any:
+            writing.set()
+            return await real_record(**kwargs)
+
+        engine.history.record_queued = watched_record  # type: ignore[method-assign]
+        submit = asyncio.ensure_future(engine.submit(ask("flux_dev", "gone")))
+        await asyncio.wait_for(writing.wait(), WAIT)
+        submit.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await submit
+        finished = None
+        while finished is None:  # the job was recorded, so it is queued, run and announced
+            event = await asyncio.wait_for(feed.get(), WAIT)
+            if isinstance(event, JobFailed | engine_jobs.JobFinished):
+                finished = event
+        assert isinstance(finished, engine_jobs.JobFinished)
+        stored = await engine.history.get_job(finished.job_id)
+        assert stored is not None and stored.status.value == "succeeded"
