@@ -16,7 +16,7 @@ from tests.conftest import REPO
 WORKER = """
 import asyncio, sys
 from pathlib import Path
-from engine import Engine, JobRequest
+from engine import Engine, JobProgressed, JobRequest
 from engine.tiny import ensure_tiny_models
 from tests.conftest import make_tiny_config
 
@@ -30,6 +30,11 @@ async def main():
             handles.append(await engine.submit(JobRequest(f"job {i}: a lighthouse", model="flux_dev", steps=40,
                                                           width=320, height=320, seed=i)))
         print("submitted", flush=True)
+        if submit:
+            async for event in handles[1].events():  # the second job has 39 of its 40 steps ahead
+                if isinstance(event, JobProgressed):
+                    print("second job running", flush=True)
+                    break
         for handle in handles:
             await handle.result()
         print("done", len(handles), flush=True)
@@ -61,13 +66,14 @@ def test_sigkill_mid_job_then_a_new_process_finishes_every_job_exactly_once(tiny
     data_dir = tmp_path / "data"
     db = data_dir / "promptpics.sqlite3"
     first = run_worker(data_dir, tiny_models, submit=4)
-    deadline = time.monotonic() + 120
-    # Kill while the second job is running: one finished, one interrupted, two never started.
-    while time.monotonic() < deadline:
-        if count(db, "succeeded") >= 1 and count(db, "running") == 1:
-            break
+    # Kill while the second job is running (the worker says when its first step is done): one
+    # finished, one interrupted, two never started.
+    assert first.stdout is not None
+    said = [first.stdout.readline() for _ in range(2)]
+    assert said == ["submitted\n", "second job running\n"], f"the worker ended early: {said}, {first.communicate()}"
+    while count(db, "running") != 1:  # its row says so too (written beside the steps, on the loop)
         assert first.poll() is None, f"the worker ended early: {first.communicate()}"
-        time.sleep(0.02)
+        time.sleep(0.01)
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=30)
     before = dict(rows(db, "SELECT id, status FROM jobs"))

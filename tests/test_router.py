@@ -10,8 +10,7 @@ import asyncio
 import dataclasses
 import logging
 import threading
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,25 +52,27 @@ class ScriptedLLM:
         return [self.scores.get(c, -9.0) for c in choices]
 
 
-async def with_loop_lag(work: Awaitable[Any]) -> tuple[Any, float]:
-    """Run ``work`` while a 5 ms ticker measures how late the loop wakes it (the worst case)."""
-    loop = asyncio.get_running_loop()
-    lags: list[float] = []
-    done = False
+class LoopWatch:
+    """Wraps a blocking model (encoder, LLM): before each ``*_blocking`` call it asks the event loop
+    to run a callback, and waits for it. A call made on the loop, or one the loop waits for, never
+    sees it run: the wait gives up after a minute and records False. No clock is raced."""
 
-    async def ticker() -> None:
-        while not done:
-            before = loop.time()
-            await asyncio.sleep(0.005)
-            lags.append(loop.time() - before - 0.005)
+    def __init__(self, inner: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._inner, self._loop = inner, loop
+        self.loop_answered: list[bool] = []
 
-    task = asyncio.create_task(ticker())
-    try:
-        result = await work
-    finally:
-        done = True
-        await task
-    return result, max(lags, default=0.0)
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if not (name.endswith("_blocking") and callable(attr)):
+            return attr
+
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            answered = threading.Event()
+            self._loop.call_soon_threadsafe(answered.set)
+            self.loop_answered.append(answered.wait(60))
+            return attr(*args, **kwargs)
+
+        return watched
 
 
 # -- the answer's shape ------------------------------------------------------------------------
@@ -216,18 +217,21 @@ async def test_a_busy_gpu_thread_times_the_llm_out_and_the_work_is_dropped(tiny_
         calls.append("llm")
         return scripted
 
+    generating = threading.Event()
     try:
-        busy = executor.submit(time.sleep, 0.8)  # a generation that holds the GPU thread
+        # A generation that holds the GPU thread until the route has been answered: a router that
+        # waited for the thread would never answer (the safety net below turns that into a failure).
+        busy = executor.submit(generating.wait, 120)
         async with router(tiny_config, stages=("rules", "llm"), llm_timeout_s=0.2, llm=provider,
                           run_on_gpu_thread=executor.submit) as r:
-            started = time.perf_counter()
-            decision = await r.route("a quiet harbor at dawn with mist")
-            waited = time.perf_counter() - started
+            decision = await asyncio.wait_for(r.route("a quiet harbor at dawn with mist"), 60)
+        generating.set()
         await busy
         await executor.submit(lambda: None)  # everything queued before this has been taken off
     finally:
+        generating.set()
         await executor.stop()
-    assert decision.stage == "default" and waited < 0.6
+    assert decision.stage == "default"
     assert calls == []  # the abandoned work never ran: no GPU time spent on an answer nobody awaits
 
 
@@ -289,43 +293,49 @@ async def test_a_near_tie_goes_to_the_resident_model(tiny_config: Config) -> Non
 # -- the event loop is never blocked -----------------------------------------------------------
 
 
-class SlowEncoder:
-    """An encoder whose every call blocks for 0.3 s: on the loop, that would be a 300 ms stall."""
-
+class StubEncoder:
     dim = 8
 
     def encode_blocking(self, texts: list[str]) -> Any:
         import torch
 
-        time.sleep(0.3)
         return torch.nn.functional.normalize(torch.ones(len(texts), self.dim), dim=-1)
 
 
 async def test_routing_never_blocks_the_event_loop(tiny_config: Config) -> None:
-    async with router(tiny_config, stages=("embeddings",), embedding_timeout_s=5.0,
-                      encoder_loader=lambda source, tokens, dtype: SlowEncoder()) as r:
-        decision, lag = await with_loop_lag(r.route("anything at all"))
-    assert decision.stage == "embeddings" and lag < 0.1
+    loop = asyncio.get_running_loop()
+    stub = LoopWatch(StubEncoder(), loop)
+    async with router(tiny_config, stages=("embeddings",), embedding_timeout_s=60.0,
+                      encoder_loader=lambda source, tokens, dtype: stub) as r:
+        decision = await r.route("anything at all")
+    assert decision.stage == "embeddings"
+    assert stub.loop_answered and all(stub.loop_answered)
+
+    from engine.embeddings import load_shared_encoder_blocking
 
     cache = LLMCache("cpu", None)
+    watched: list[LoopWatch] = []
 
     def tiny_llm() -> Any:
         import torch
 
         cache.device, cache.dtype = torch.device("cpu"), torch.float32
-        return cache.get_blocking(tiny_config.router_llm_id)
+        watched.append(LoopWatch(cache.get_blocking(tiny_config.router_llm_id), loop))
+        return watched[-1]
 
-    async with router(tiny_config, stages=("rules", "embeddings", "llm"), llm=tiny_llm,
+    def real_encoder(*args: Any) -> Any:
+        watched.append(LoopWatch(load_shared_encoder_blocking(*args), loop))
+        return watched[-1]
+
+    async with router(tiny_config, stages=("rules", "embeddings", "llm"), llm=tiny_llm, encoder_loader=real_encoder,
+                      llm_timeout_s=60.0, embedding_timeout_s=60.0,
                       thresholds={m: 1.0 for m in IDS}) as r:  # real MiniLM, then the tiny LLM every time
         await r.warm_up()
-
-        async def many() -> list[RouteDecision]:
-            return [await r.route(p) for p in ("a windmill in a tulip field at dusk", "a mountain lake at noon",
-                                               "an old stone bridge covered in ivy")]
-
-        decisions, lag = await with_loop_lag(many())
+        decisions = [await r.route(p) for p in ("a windmill in a tulip field at dusk", "a mountain lake at noon",
+                                                "an old stone bridge covered in ivy")]
     assert all("llm" in d.timings_ms and "embeddings" in d.timings_ms for d in decisions)
-    assert lag < 0.1
+    answered = [a for w in watched for a in w.loop_answered]
+    assert len(answered) >= 6 and all(answered)  # at least one encoding and one LLM call per prompt
 
 
 # -- config ------------------------------------------------------------------------------------

@@ -207,10 +207,11 @@ def test_black_detector_blank_check_is_opt_in() -> None:
 def test_black_detector_costs_a_few_milliseconds_at_768px() -> None:
     detector, image = BlackImageDetector(), Image.fromarray(np.random.default_rng(0).integers(0, 255, (768, 768, 3), np.uint8))
     detector.check_blocking(image)
-    started = time.perf_counter()
+    # CPU time of this process, not the wall clock: other processes on a loaded machine don't count.
+    started = time.process_time()
     for _ in range(10):
         detector.check_blocking(image)
-    assert (time.perf_counter() - started) / 10 < 0.05
+    assert (time.process_time() - started) / 10 < 0.05
 
 
 def test_nudenet_thresholds_and_classes_come_from_config() -> None:

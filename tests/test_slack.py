@@ -56,6 +56,7 @@ from tests.fake_slack import (
 pytestmark = pytest.mark.timeout(120)
 
 SMALL = "--steps 2 --size 64x64"
+WAIT = 60.0  # a safety net only: every wait here ends on the event it waits for
 JOB_ID = re.compile(r"job `([a-z0-9]{6})`")
 REACTIONS = ["repeat", "camera", "jigsaw", "abc", "x"]  # 🔁, the other models' emojis, ❌
 
@@ -165,6 +166,12 @@ async def bot(fake: FakeSlack, config: Config, mode: str = "socket") -> AsyncIte
             await asyncio.wait_for(serving, 30)
 
 
+async def images_done(fake: FakeSlack, count: int) -> None:
+    """Until ``count`` images are posted, each with its reactions (the last thing its job does)."""
+    await fake.wait_for(lambda: len(fake.channel_messages(with_files=True)) >= count
+                        and all("x" in m.reactions for m in fake.channel_messages(with_files=True)))
+
+
 def job_id_in(text: str) -> str:
     match = JOB_ID.search(text)
     assert match, text
@@ -262,13 +269,14 @@ async def test_http_mode_serves_signed_requests_and_refuses_bad_or_stale_signatu
         retried = await running.post(event, content_type="application/json",
                                      **{**signed_headers(event, content_type="application/json"),
                                         "X-Slack-Retry-Num": "1", "X-Slack-Retry-Reason": "http_timeout"})
-        await fake.wait_for(lambda: len(fake.channel_messages(with_files=True)) == 2
-                            and all("x" in m.reactions for m in fake.channel_messages(with_files=True)))
-        await asyncio.sleep(0.3)  # room for a duplicate to show up, if there were one
+        # A distinct event after the retry: once its job is done, a duplicate from the retry would be there too.
+        later = json.dumps(fake.reaction(result.ts, "camera", user=ALICE))
+        after = await running.post(later, content_type="application/json")
+        await images_done(fake, 3)
         rows = await running.history_rows()
     assert [bad[0], stale[0], other_secret[0]] == [401, 401, 401]
-    assert ack == {} and first[0] == retried[0] == 200
-    assert len(rows) == 2 and {r.requester.user_id for r in rows} == {ALICE, BOB}
+    assert ack == {} and first[0] == retried[0] == after[0] == 200
+    assert len(rows) == 3 and [r.requester.user_id for r in rows].count(BOB) == 1
     assert "a forged fox" not in json.dumps([m.text for m in fake.messages.values()])
 
 
@@ -311,11 +319,11 @@ async def test_a_retried_event_creates_no_duplicate_job(fake: FakeSlack, config:
         event = await running.react(original.ts, "repeat", user=BOB)
         for attempt in (1, 2):  # Slack's redeliveries: a new envelope, the same event
             await fake.ack_of(await fake.envelope("events_api", event, retry_attempt=attempt))
-        await fake.wait_for(lambda: len(fake.channel_messages(with_files=True)) == 2
-                            and all("x" in m.reactions for m in fake.channel_messages(with_files=True)))
-        await asyncio.sleep(0.3)
+        # A distinct event after the redeliveries: once its job is done, a duplicate would be there too.
+        await running.react(original.ts, "camera", user=ALICE)
+        await images_done(fake, 3)
         rows = await running.history_rows()
-    assert len(rows) == 2 and sum(r.requester.user_id == BOB for r in rows) == 1
+    assert len(rows) == 3 and sum(r.requester.user_id == BOB for r in rows) == 1
 
 
 async def test_cancel_reaction_is_refused_for_others_and_deletes_for_the_owner_or_an_admin(fake: FakeSlack,
@@ -401,9 +409,10 @@ async def test_a_channel_the_bot_cannot_post_in_gets_an_actionable_reply_and_no_
         outside, _ = await running.slash(f"a fox {SMALL}", channel=OUTSIDE_CHANNEL)
         dm, _ = await running.slash(f"a fox {SMALL}", channel=PEOPLE_DM)
         (got, outside_why) = await running.answers(outside, 2)
-        dm_why = (await running.answers(dm, 2))[-1]
-        await fake.wait_for(lambda: len([c for c in fake.calls_to("chat.postMessage") if c.error]) >= 2)
-        await asyncio.sleep(0.3)
+        dm_got, dm_why = (await running.answers(dm, 2))[:2]
+        # Both jobs' last events have been shown: nothing more can be posted or recorded for them.
+        for job_id in (job_id_in(got), job_id_in(dm_got)):
+            await asyncio.wait_for(running.core.delivery.settled(job_id), WAIT)
         rows = await running.history_rows()
     assert got.startswith("Got it: job")
     assert outside_why == ("I can't post the image here: I'm not a member of this channel. "
