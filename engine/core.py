@@ -82,14 +82,25 @@ class _Job:
     first_step_at: float | None = None
     last_step_at: float | None = None
     previewed: bool = False  # a preview went out for the current attempt
+    _view: QueuedJob | None = None  # what ``view`` built last; dropped when what it shows changes
 
     @property
     def user_key(self) -> str:
         return _user_key(self.request)
 
     def view(self) -> QueuedJob:
-        return QueuedJob(self.id, self.params.model_id, self.user_key, self.seq, self.queued_mono, self.fair_tag,
-                         self.passed_over, self.first_passed_at)
+        """What the scheduler sees; built once and kept until the job is queued again or passed over
+        (every plan reads all waiting jobs' views)."""
+        if self._view is None:
+            self._view = QueuedJob(self.id, self.params.model_id, self.user_key, self.seq, self.queued_mono,
+                                   self.fair_tag, self.passed_over, self.first_passed_at)
+        return self._view
+
+    def passed(self, now: float) -> None:
+        """A job behind it in fair order started first."""
+        self.passed_over += 1
+        self.first_passed_at = now if self.first_passed_at is None else self.first_passed_at
+        self._view = None
 
 
 class JobHandle:
@@ -558,9 +569,7 @@ class Engine:
         pick = self._scheduler.pick([j.view() for j in self._queue], resident, now, parked)
         by_id = {j.id: j for j in self._queue}
         for passed_id in pick.passed_over:
-            passed = by_id[passed_id]
-            passed.passed_over += 1
-            passed.first_passed_at = now if passed.first_passed_at is None else passed.first_passed_at
+            by_id[passed_id].passed(now)
         job = by_id[pick.job_id]
         self._dequeue(job)
         self._round_robin.started(job.fair_tag)
@@ -572,6 +581,7 @@ class Engine:
         """Into the queue, on the seat its submit holds (``Admission``)."""
         job.seq = next(self._arrivals)
         job.fair_tag = self._round_robin.tag(job.user_key)
+        job._view = None
         self._queue.append(job)
         self._queue_changed()
 
