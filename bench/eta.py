@@ -101,6 +101,9 @@ class SimResidency:
 
         return tuple(ResidentModel(m, "gpu", 0, 0.0, 0.0) for m in list(self.ready))
 
+    def placement_sets(self) -> tuple[frozenset[str], frozenset[str]]:
+        return frozenset(self.ready), frozenset()
+
     def set_needed_soon(self, models: Any) -> None:
         return None
 
@@ -126,7 +129,7 @@ class SimRunner:
 
     def run_blocking(self, job_id: str, params: Any, on_step: Any, cancel: Any, nsfw_allowed: bool = False,
                      on_attempt: Any = None, on_preview: Any = None) -> Any:
-        from engine.executor import RunOutput
+        from engine.core import RunOutput
 
         model = SIM[params.model_id]
         started = time.perf_counter()

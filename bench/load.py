@@ -176,6 +176,10 @@ class StandInResidency:
         with self._lock:
             return self._rows
 
+    def placement_sets(self) -> tuple[frozenset[str], frozenset[str]]:
+        """(ready models, parked models): nothing is parked in RAM on the stand-in card."""
+        return frozenset(r.model_id for r in self.snapshot()), frozenset()
+
     def status(self) -> Any:
         from engine.residency import ResidencyStatus
 
@@ -221,7 +225,7 @@ class StandInRunner:
                      nsfw_allowed: bool = False, on_attempt: Callable[[Any], None] | None = None,
                      on_preview: Any = None) -> Any:
         from engine import JobCancelledError
-        from engine.executor import RunOutput
+        from engine.core import RunOutput
         from engine.safety import Attempt
 
         model = SIM[params.model_id]

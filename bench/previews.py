@@ -58,7 +58,7 @@ def latents_for(family: str, size: int, device: Any, dtype: Any) -> Any:
 
 def preview_cost(family: str, size: int, device: Any, dtype: Any, repeats: int) -> tuple[float, float, int]:
     """(median ms, p90 ms, bytes) of one preview, the full path."""
-    from engine.previews import LATENT_FORMATS, LatentPreviewer, PreviewSettings
+    from engine.pipelines.previews import LATENT_FORMATS, LatentPreviewer, PreviewSettings
 
     fmt = LATENT_FORMATS[family]
     previewer = LatentPreviewer(family, PreviewSettings(), lambda p: None, width=size, height=size, vae_scale_factor=8,
@@ -79,7 +79,7 @@ def tiny_steps(config: Any, family: str, size: int, steps: int, device: Any, dty
     """(s per step without previews, s per step with a preview at every step), medians of 3 runs."""
     from engine.jobs import GenerationParams
     from engine.pipelines import generate_blocking, load_pipeline_blocking, release_blocking
-    from engine.previews import PreviewSettings
+    from engine.pipelines.previews import PreviewSettings
 
     loaded = load_pipeline_blocking(config.model(MODELS[family]), device, dtype)
     params = GenerationParams("a lighthouse at dusk", "", MODELS[family], steps, 4.0, size, size, 1)

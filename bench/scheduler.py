@@ -294,7 +294,7 @@ def simulate(trace: list[Arrival], scheduler: Scheduler, *, seed_rule: bool, gpu
             seq = int(pending.job_id[1:])
             queue.append(QueuedJob(pending.job_id, pending.model_id, pending.user, seq, pending.at, rr.tag(pending.user)))
             pending = next(arrivals, None)
-        # the dispatcher's step, as engine/core.py does it
+        # the dispatcher's step, as engine/core/dispatch.py does it
         resident, parked = rm.placement_sets()
         pick = scheduler.pick(queue, resident, t, parked)
         job = next(j for j in queue if j.job_id == pick.job_id)

@@ -33,7 +33,7 @@ from engine import (
     with_tiny_models,
 )
 from engine.history import HistoryStore, StoredJob
-from engine.models_info import describe_models
+from engine import describe_models
 
 log = logging.getLogger("promptpics")
 

@@ -21,7 +21,7 @@ from bot import messages
 from bot.settings import BotSettings
 from engine import Config, Engine, EngineError, JobHandle, JobRequest, Origin, Requester
 from engine.history import StoredJob
-from engine.models_info import describe_models
+from engine import describe_models
 
 # -- plain data ----------------------------------------------------------------------------------
 

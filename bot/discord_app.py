@@ -34,7 +34,7 @@ from bot.delivery import MessageGone, MessageRef, Picture, PreviewPicture, fit_i
 from bot.settings import DiscordSettings
 from engine import Config, Origin
 from engine.history import StoredJob
-from engine.normalise import MAX_SEED
+from engine import MAX_SEED
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """PromptPics engine: the public surface the bot may use. Importing it loads no torch."""
 
 from engine.config import Config, ModelSpec, load_config, with_tiny_models
-from engine.core import Engine, JobHandle, QueueEntry
+from engine.core import MAX_SEED, Engine, JobHandle, QueueEntry, describe_models
 from engine.errors import (
     ConfigError,
     DataFolderBusyError,
@@ -42,5 +42,6 @@ __all__ = [
     "JobRequest", "JobResult", "JobStarted", "JobStatus", "ModelLoadError", "ModelSpec", "Origin",
     "OutOfMemoryError", "QueueEntry", "QueueFullError", "RequestError", "Requester", "Timings", "load_config",
     "with_tiny_models", "BlankImageError", "ImageRefusedError", "SafetyConfig", "UnsafeContentError",
-    "DataFolderBusyError", "EngineClosedError", "EngineEvent", "QueueMoved", "QueuePlace",
+    "DataFolderBusyError", "EngineClosedError", "EngineEvent", "QueueMoved", "QueuePlace", "MAX_SEED",
+    "describe_models",
 ]

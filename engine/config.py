@@ -17,7 +17,7 @@ from typing import Any
 
 from engine.config_fields import boolean, no_unknown_keys, table
 from engine.errors import ConfigError
-from engine.previews import PreviewSettings, parse_previews_config
+from engine.pipelines.previews import PreviewSettings, parse_previews_config
 from engine.residency import ResidencySettings, parse_residency_config
 from engine.router_config import RouterConfig, parse_router_config
 from engine.scheduler import SchedulerSettings, parse_scheduler_config

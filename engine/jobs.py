@@ -118,7 +118,7 @@ class JobProgressed:
 
 @dataclass(frozen=True, slots=True)
 class JobPreviewed:
-    """A small picture of the image so far (engine/previews.py), throttled by ``[previews]``.
+    """A small picture of the image so far (engine/pipelines/previews.py), throttled by ``[previews]``.
     An empty ``image`` withdraws the preview shown: the safety loop rejected that attempt."""
 
     job_id: str

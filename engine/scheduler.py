@@ -1,6 +1,6 @@
 """Which queued job runs next: FIFO, or model affinity with fairness bounds. Pure functions.
 
-The dispatcher (engine/core.py) owns the queue; it hands this module plain views of the queued
+The dispatcher (engine/core/) owns the queue; it hands this module plain views of the queued
 jobs, the set of models that are ready on the device (and the set parked in RAM), and the
 time. Nothing here touches torch, asyncio or a clock, so every rule is testable with numbers.
 

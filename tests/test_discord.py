@@ -30,7 +30,7 @@ from bot.settings import BotSettings, DiscordSettings, Settings
 from engine import Config, Engine, GenerationParams, JobCancelled, JobProgressed, JobRequest, JobStatus, Origin, Requester
 from engine.history import HistoryStore
 from engine.images import read_png_metadata
-from engine.previews import PreviewSettings
+from engine.pipelines.previews import PreviewSettings
 from tests.conftest import REPO, make_tiny_config
 from tests.fake_discord import (
     ADMIN,

@@ -133,7 +133,7 @@ class ExplodingRunner:
 
 
 async def test_an_unexpected_error_becomes_a_plain_sentence_and_the_thread_lives_on(tiny_config: Config) -> None:
-    from engine.executor import JobRunner
+    from engine.core import JobRunner
     from engine.residency import ResidencyManager
 
     engine = Engine(tiny_config, runner_factory=lambda c, dev, dt: ExplodingRunner(JobRunner(c, ResidencyManager(dev, dt))))
@@ -164,7 +164,7 @@ class LoopWatchingRunner:
 
 
 async def test_loop_stays_responsive_while_a_job_runs(tiny_config: Config) -> None:
-    from engine.executor import JobRunner
+    from engine.core import JobRunner
     from engine.residency import ResidencyManager
 
     loop, runners = asyncio.get_running_loop(), []

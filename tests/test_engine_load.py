@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-import engine.core
+import engine.core.plan
 import engine.jobs as engine_jobs
 from engine import (
     DataFolderBusyError,
@@ -222,7 +222,7 @@ async def test_resumed_jobs_keep_nsfw_allowed_and_their_handles_are_released(tin
     seen: dict[str, bool] = {}
 
     def factory(c: Any, device: Any, dtype: Any) -> Any:
-        from engine.executor import default_runner_blocking
+        from engine.core import default_runner_blocking
 
         real = default_runner_blocking(c, device, dtype)
         run = real.run_blocking
@@ -257,13 +257,13 @@ async def test_the_queue_plan_is_computed_once_per_change_and_published_once(tin
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     gated = GatedEngine(capped(tiny_models, tmp_path / "data", per_user=200, total=200))
     builds: list[int] = []
-    real_build = engine.core.build_plan
+    real_build = engine.core.plan.build_plan
 
     def counting_build(*args: Any, **kwargs: Any) -> Any:
         builds.append(len(args[2]))
         return real_build(*args, **kwargs)
 
-    monkeypatch.setattr(engine.core, "build_plan", counting_build)
+    monkeypatch.setattr(engine.core.plan, "build_plan", counting_build)
     async with gated.engine as eng:
         feed = eng.subscribe()
         busy = await gated.started(ask("flux_dev", "first"))

@@ -9,7 +9,7 @@ import pytest
 from engine.config import Config, load_config
 from engine.errors import RequestError
 from engine.jobs import JobRequest
-from engine.normalise import normalise, requested_model
+from engine.core.normalise import normalise, requested_model
 from tests.conftest import REPO
 
 

@@ -20,11 +20,11 @@ from bot.console_app import ConsoleOutlet
 from bot.delivery import MessageRef, Picture, PreviewPicture
 from engine import Config, Engine, JobFinished, JobQueued, JobRequest, JobStarted
 from engine.config import parse_config
+from engine.core.plan import CostBook, Fit, fit_costs, work_units
 from engine.errors import ConfigError
-from engine.eta import CostBook, Fit, fit_costs, work_units
 from engine.jobs import GenerationParams, JobPreviewed
 from engine.pipelines import generate_blocking, load_pipeline_blocking
-from engine.previews import (
+from engine.pipelines.previews import (
     FLUX,
     LATENT_FORMATS,
     SDXL,
@@ -156,7 +156,7 @@ def test_the_denoised_estimate_is_exact_for_euler_steps(kind: str) -> None:
         x, output = x0 + s0 * noise, noise
     after = scheduler.step(output, scheduler.timesteps[0], x).prev_sample
     pipe = SimpleNamespace(scheduler=scheduler)
-    from engine.previews import _last_sigmas
+    from engine.pipelines.previews import _last_sigmas
 
     estimate = denoised_estimate_blocking(after, x, *_last_sigmas(pipe))
     assert torch.allclose(estimate, x0, atol=1e-4)

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from engine import Config, Engine, JobFailed, JobFinished, JobRequest
-from engine.executor import JobRunner
+from engine.core import JobRunner
 from engine.pipelines import LoadedPipeline, load_pipeline_blocking
 from engine.residency import ResidencyManager
 from engine.safety import BlackImageDetector, PromptCheck, PromptRewriter, SafetyPolicy, Verdict

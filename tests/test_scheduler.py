@@ -309,7 +309,7 @@ class GatedEngine:
 
     def __init__(self, config: Any) -> None:
         from engine import Engine
-        from engine.executor import JobRunner
+        from engine.core import JobRunner
         from engine.residency import ResidencyManager
 
         self.gate = threading.Event()

@@ -34,7 +34,7 @@ def tiny(cache_dir: Path) -> TinyModels:
 
 
 def _load(tiny: TinyModels, family: str) -> Any:
-    """Exactly the calls engine/pipelines.py makes, in float32 on CPU."""
+    """Exactly the calls engine/pipelines/ makes, in float32 on CPU."""
     import diffusers
     import torch
     import transformers

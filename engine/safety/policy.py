@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_SEED = 2**32 - 1
-_SIDE_MULTIPLE = 16  # valid for every family (engine.normalise.SIZE_MULTIPLE): a fallback keeps a legal size
+_SIDE_MULTIPLE = 16  # valid for every family (engine.core.normalise.SIZE_MULTIPLE): a fallback keeps a legal size
 _NEGATIVE_NSFW = "nudity, nsfw"
 
 

@@ -4,11 +4,13 @@ Rule 6 of DESIGN.md, "decide, then await": ``Engine.submit`` awaits the router a
 insert before a job is in the queue. A cap checked before those awaits and counted after them
 lets eight concurrent submits through a cap of two. Here a seat is *held* from the moment it is
 granted — before the first await — until the job leaves the queue (it starts, is cancelled, or
-the engine stops), and released at once if admission fails on the way.
+the engine stops), and released at once if admission fails on the way. A submit past its seat
+and not yet queued is counted too: closing the engine waits for those (``all_entered``).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 
 from engine.errors import EngineClosedError, QueueFullError
@@ -23,6 +25,9 @@ class Admission:
         self._held: Counter[str] = Counter()
         self._total = 0
         self.closed = False
+        self._entering = 0  # submits past their seat, not yet queued (aclose waits for them)
+        self._all_in = asyncio.Event()  # set while _entering is 0
+        self._all_in.set()
 
     def reserve(self, user: str) -> None:
         """Take a seat for ``user`` or raise (closing, queue full, user at the cap). No await
@@ -50,3 +55,18 @@ class Admission:
 
     def held(self, user: str | None = None) -> int:
         return self._total if user is None else self._held[user]
+
+    def entering(self) -> None:
+        """A submit holds its seat and is on its way into the queue (routing, recording)."""
+        self._entering += 1
+        self._all_in.clear()
+
+    def entered(self) -> None:
+        """That submit is queued now, or failed on the way."""
+        self._entering -= 1
+        if not self._entering:
+            self._all_in.set()
+
+    async def all_entered(self) -> None:
+        """Until no submit is on its way in (the engine's close waits for them)."""
+        await self._all_in.wait()

@@ -1,32 +1,27 @@
-"""The only diffusers import: load each model family, place it on the device, run it.
+"""Load each model family, place it on the device, free it; the device, dtype and start-up
+switches. The only diffusers import besides engine/tiny.py.
 
 Every function here that touches torch ends in ``_blocking`` and runs on the GPU thread.
-Foreign errors are translated at this seam: out-of-memory becomes ``OutOfMemoryError``, a
-missing or broken model becomes ``ModelLoadError`` (the original stays chained for the log).
+A load that fails leaves as ``ModelLoadError`` or ``OutOfMemoryError`` (errors.py).
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-import math
 import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from engine.config import ModelSpec
-from engine.errors import JobCancelledError, ModelLoadError, OutOfMemoryError
-from engine.jobs import GenerationParams
-from engine.previews import LatentPreviewer, Preview, PreviewSettings
-from engine.safety.prevention import check_latents_blocking, guard_vae_decode_blocking
+from engine.pipelines.errors import translate_error
+from engine.safety.prevention import guard_vae_decode_blocking
+
+if TYPE_CHECKING:  # only while engine/config.py imports engine.pipelines.previews (the config step ends that)
+    from engine.config import ModelSpec
 
 log = logging.getLogger(__name__)
-
-StepCallback = Callable[[int, int], None]  # (step 1-based, total)
-PreviewCallback = Callable[[Preview], None]
 
 
 @dataclass(slots=True)
@@ -206,120 +201,3 @@ def free_memory_blocking(device: Any) -> None:
         import torch
 
         torch.cuda.empty_cache()
-
-
-# -- running ---------------------------------------------------------------------------------
-
-
-def generate_blocking(loaded: LoadedPipeline, params: GenerationParams, *, on_step: StepCallback,
-                      cancel: threading.Event, tiled_decode: bool = False, on_preview: PreviewCallback | None = None,
-                      previews: PreviewSettings | None = None) -> Any:
-    """Run one generation; returns a PIL image of exactly ``params.width x params.height``.
-
-    Out of memory after the last denoising step is reported with the phase "decoding with"
-    (the VAE decode), before it with "generating with"; ``tiled_decode`` decodes in tiles, a
-    lower peak for a retry (engine.residency decides when). ``on_preview`` gets a small
-    picture of the latents now and then (engine/previews.py; no VAE decode)."""
-    import torch
-
-    pipe = loaded.pipe
-    steps_done = 0
-    previewer = None
-    if on_preview is not None and (previews or PreviewSettings()).enabled:
-        previewer = LatentPreviewer.for_pipeline(loaded.spec.family, pipe, params.width, params.height,
-                                                 previews or PreviewSettings(), on_preview)
-
-    def step_end(p: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        nonlocal steps_done
-        if cancel.is_set():
-            # diffusers' own stop flag, then raise so a cancelled job skips the VAE decode too.
-            p._interrupt = True
-            raise JobCancelledError("")
-        # NaN latents never recover: stop here instead of denoising and decoding a black square.
-        check_latents_blocking(kwargs.get("latents"), loaded.spec.id, i + 1)
-        steps_done = i + 1
-        on_step(i + 1, params.steps)
-        if previewer is not None:
-            previewer.observe_blocking(p, i + 1, params.steps, kwargs.get("latents"))
-        return {}
-
-    if cancel.is_set():
-        raise JobCancelledError("")
-    kwargs: dict[str, Any] = dict(
-        prompt=params.prompt,
-        num_inference_steps=params.steps,
-        guidance_scale=params.guidance,
-        width=params.width,
-        height=params.height,
-        # A CPU generator gives the same starting noise on every device, so a seed means the
-        # same picture on the CPU demo and the GPU bot.
-        generator=torch.Generator("cpu").manual_seed(params.seed),
-        callback_on_step_end=step_end,
-        output_type="pil",
-    )
-    if params.negative_prompt and loaded.spec.family != "flux":
-        # FLUX.1-dev is guidance-distilled: a negative prompt needs true CFG (twice the work), so
-        # it is not passed; docs/MODELS.md says so.
-        kwargs["negative_prompt"] = params.negative_prompt
-    if loaded.spec.family == "hidream":
-        _fit_hidream_area(pipe, params.width, params.height)
-    if tiled_decode:
-        pipe.vae.enable_tiling()
-    try:
-        with torch.inference_mode():
-            image = pipe(**kwargs).images[0]
-    except JobCancelledError:
-        raise
-    except BaseException as exc:
-        phase = "decoding with" if steps_done >= params.steps else "generating with"
-        raise translate_error(exc, loaded.spec.id, phase) from exc
-    finally:
-        if tiled_decode:
-            pipe.vae.disable_tiling()  # tiles are for the retry only: the same seed, the same pixels
-    if image.size != (params.width, params.height):
-        # HiDream renders a fixed pixel area rounded to 16 px; bring it to the size asked for.
-        from PIL import Image
-
-        image = image.resize((params.width, params.height), Image.Resampling.LANCZOS)
-    return image
-
-
-def _fit_hidream_area(pipe: Any, width: int, height: int) -> None:
-    """HiDream ignores width x height as such: it keeps the aspect ratio and renders an area of
-    ``(default_sample_size * vae_scale_factor) ** 2``. Setting the sample size from the request
-    makes that area the one asked for (exact for square sizes)."""
-    pipe.default_sample_size = max(1, math.isqrt(width * height) // pipe.vae_scale_factor)
-
-
-# -- error translation ------------------------------------------------------------------------
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    import torch
-
-    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-def translate_error(exc: BaseException, model_id: str, phase: str) -> BaseException:
-    """Map a foreign error to the engine's tree; engine errors and interrupts pass through."""
-    from engine.errors import EngineError
-
-    if isinstance(exc, EngineError | KeyboardInterrupt | SystemExit):
-        return exc
-    if is_out_of_memory(exc):
-        return OutOfMemoryError(model_id, phase)
-    if phase == "loading":
-        return ModelLoadError(model_id, _load_reason(exc))
-    return exc
-
-
-def _load_reason(exc: BaseException) -> str:
-    text = str(exc)
-    if isinstance(exc, OSError | EnvironmentError) or "does not appear to have" in text or "not found" in text.lower():
-        return "its files are missing or incomplete (check the model's `source` and that the weights are downloaded)."
-    if "gated" in text.lower() or "401" in text or "403" in text:
-        return "the hub refused access (accept the model's licence and log in with `hf auth login`)."
-    return "the weights could not be read (see the server log)."

@@ -1,0 +1,246 @@
+"""The dispatcher: one job at a time from the queue to the GPU thread and back, as numbered
+steps (``Dispatcher._run``): take the scheduler's pick, run it (make resident, generate, safety
+checks: ``JobRunner`` on the GPU thread), record the outcome, send the events.
+
+Runs on the asyncio loop; the GPU thread's reports come back with ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+
+from engine.core.admission import Admission
+from engine.core.job import JobHandle, LiveJob
+from engine.core.plan import QueuePlanner
+from engine.core.runner import RunOutput
+from engine.errors import EngineError, JobCancelledError
+from engine.executor import GpuExecutor
+from engine.history import HistoryStore, StorageError
+from engine.jobs import (
+    JobCancelled,
+    JobEvent,
+    JobFailed,
+    JobFinished,
+    JobPreviewed,
+    JobProgressed,
+    JobResult,
+    JobStarted,
+    JobStatus,
+    Timings,
+)
+from engine.pipelines import Preview
+from engine.safety import Attempt
+from engine.scheduler import RoundRobin, needed_soon
+
+log = logging.getLogger(__name__)
+
+STOPPED_MESSAGE = "The bot stopped before your job finished; it is kept and will run when the bot is back."
+
+
+class Dispatcher(QueuePlanner):
+    """Takes jobs off the queue and runs them; a base of ``Engine`` (its state is set there)."""
+
+    _history: HistoryStore | None
+    _resumed: dict[str, JobHandle]
+    _executor: GpuExecutor
+    _admission: Admission
+    _round_robin: RoundRobin
+    _arrivals: Iterator[int]
+    _wakeup: asyncio.Event
+    _closing: bool
+
+    @property
+    def history(self) -> HistoryStore:
+        assert self._history is not None, "enter the engine first (async with Engine(...))"
+        return self._history
+
+    # -- the dispatcher: one job at a time on the GPU thread ------------------------------
+
+    async def _dispatch(self) -> None:
+        while True:
+            while not self._queue and not self._closing:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            if self._closing:
+                return
+            job = self._next_job()  # the scheduler's pick
+            try:
+                await self._run(job)  # its run, in numbered steps
+            except Exception:  # the history itself failed: answer the job, keep the dispatcher
+                log.exception("job %s: could not be recorded", job.id)
+                self._emit_final(job, JobFailed(job.id, "HistoryError", f"Sorry, something went wrong (job `{job.id}`)."))
+            finally:
+                self._running = None
+                self._queue_changed()
+
+    def _next_job(self) -> LiveJob:
+        """The scheduler picks; the jobs it overtakes are counted, which bounds how often that happens."""
+        now = time.perf_counter()
+        resident, parked = self._placements()
+        pick = self._scheduler.pick([j.view() for j in self._queue], resident, now, parked)
+        by_id = {j.id: j for j in self._queue}
+        for passed_id in pick.passed_over:
+            by_id[passed_id].passed(now)
+        job = by_id[pick.job_id]
+        self._dequeue(job)
+        self._round_robin.started(job.fair_tag)
+        if pick.passed_over:
+            log.info("job %s: runs before %d earlier job(s) (%s)", job.id, len(pick.passed_over), pick.reason)
+        return job
+
+    def _enqueue(self, job: LiveJob) -> None:
+        """Into the queue, on the seat its submit holds (``Admission``)."""
+        job.seq = next(self._arrivals)
+        job.fair_tag = self._round_robin.tag(job.user_key)
+        job._view = None
+        self._queue.append(job)
+        self._queue_changed()
+
+    def _dequeue(self, job: LiveJob) -> None:
+        """Out of the queue (it starts or is cancelled): its seat goes back."""
+        self._queue.remove(job)
+        self._admission.release(job.user_key)
+        self._queue_changed()
+
+    async def _run(self, job: LiveJob) -> None:
+        assert self._runner is not None
+        # 1. started: what the ETAs and the eviction rule read while it runs
+        job.status, self._running = JobStatus.RUNNING, job
+        started = job.started_mono = time.perf_counter()
+        ready, _ = self._placements()
+        job.load_expected_s = 0.0 if job.params.model_id in ready else self._timings.expected_load_s(job.params.model_id)
+        # what to keep when something must be evicted: the models the next planned jobs need
+        self._runner.residency.set_needed_soon(needed_soon(self._current_plan().planned))
+        queue_wait = started - job.queued_mono
+        self._emit(job, JobStarted(job.id, job.params.model_id))
+        # 2. the GPU thread's reports (progress, previews, attempts) hop to the loop.
+        #    Each attempt of the safety loop opens and closes its row as it happens (a crash keeps them).
+        recorder = _AttemptRecorder(self.history, job.id)
+
+        def on_step(step: int, total: int) -> None:  # GPU thread -> loop
+            now = time.perf_counter()
+            if step == 1 or job.first_step_at is None:  # a new attempt starts counting again
+                job.first_step_at = now
+            job.step, job.last_step_at = step, now
+            self._executor.call_soon_threadsafe(self._emit, job, JobProgressed(job.id, step, total))
+
+        def on_preview(preview: Preview) -> None:  # GPU thread -> loop
+            job.previewed = True
+            self._executor.call_soon_threadsafe(self._emit, job, JobPreviewed(
+                job.id, preview.step, preview.total, preview.image, preview.mime, preview.width, preview.height))
+
+        def on_attempt(attempt: Attempt) -> None:  # GPU thread -> loop, in order
+            self._executor.call_soon_threadsafe(recorder.add, attempt)
+            if attempt.outcome is not None and attempt.outcome != "succeeded" and job.previewed:
+                # the safety loop rejected that image: its preview must not stay up
+                job.previewed = False
+                self._executor.call_soon_threadsafe(self._emit, job, JobPreviewed(job.id, 0, job.params.steps, b"", ""))
+            if attempt.outcome is None:
+                job.step, job.first_step_at = 0, None
+
+        def timings(out: RunOutput | None = None) -> Timings:
+            return Timings(queue_wait, out.load_s if out else 0.0, out.generate_s if out else 0.0,
+                           time.perf_counter() - job.queued_mono)
+
+        # 3. on the GPU thread: make resident, generate, safety checks, PNG (JobRunner.run_blocking)
+        try:
+            try:
+                out: RunOutput = await self._executor.submit(self._runner.run_blocking, job.id, job.params, on_step,
+                                                             job.cancel, job.request.nsfw_allowed, on_attempt,
+                                                             on_preview)
+            finally:
+                await recorder.drain()
+        # 4. the outcome, recorded in the history, then the job's final event
+        except JobCancelledError:
+            if not job.cancelled_by_user:  # the engine is stopping: stays RUNNING, taken back at start
+                log.info("job %s: interrupted by shutdown; kept for the next start", job.id)
+                self._emit_final(job, JobFailed(job.id, "EngineStopped", STOPPED_MESSAGE))
+                return
+            log.info("job %s: cancelled while running", job.id)
+            await self._finish(job, JobStatus.CANCELLED, JobCancelled(job.id, while_running=True), timings())
+        except EngineError as exc:
+            log.warning("job %s: %s", job.id, exc.user_message, exc_info=exc.__cause__ is not None)
+            await self._finish(job, JobStatus.FAILED, JobFailed(job.id, type(exc).__name__, exc.user_message), timings())
+        except Exception:
+            log.exception("job %s: unexpected failure", job.id)
+            message = f"Sorry, something went wrong (job `{job.id}`)."
+            await self._finish(job, JobStatus.FAILED, JobFailed(job.id, "GenerationError", message), timings())
+        else:
+            final = getattr(out, "params", None) or job.params  # the safety loop may have fallen back
+            # what the job held the GPU thread for, the load apart: generation, safety checks and
+            # retries, PNG; what the next job in line waits for
+            busy_s = max(out.generate_s, time.perf_counter() - started - out.load_s)
+            self._timings.record_job(final, generate_s=busy_s, load_s=out.load_s)
+            self._costs_version += 1
+            await self._succeed(job, out, timings(out))
+
+    async def _succeed(self, job: LiveJob, out: RunOutput, timings: Timings) -> None:
+        params = out.params or job.params
+        try:
+            if params != job.params:  # rewritten prompt, new seed or fallback model: keep what made it
+                await self.history.update_params(job.id, params)
+            path = await self.history.record_succeeded(job.id, png=out.png, timings=timings, finished_at=time.time())
+        except StorageError as exc:  # disk full: this job fails, the bot stays up
+            log.error("job %s: %s", job.id, exc)
+            await self._finish(job, JobStatus.FAILED, JobFailed(job.id, "StorageError", exc.user_message), timings)
+            return
+        result = JobResult(job.id, out.png, params, out.width, out.height, timings, str(path), out.notice)
+        log.info("job %s: finished in %.2f s (load %.2f, generate %.2f)", job.id, timings.total_s, timings.load_s,
+                 timings.generate_s)
+        job.status = JobStatus.SUCCEEDED
+        self._emit_final(job, JobFinished(job.id, result))
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    async def _finish(self, job: LiveJob, status: JobStatus, event: JobEvent, timings: Timings | None = None) -> None:
+        """Record a FAILED or CANCELLED outcome, then tell the listeners."""
+        job.status = status
+        now = time.time()
+        if status is JobStatus.CANCELLED:
+            await self.history.record_cancelled(job.id, finished_at=now, timings=timings)
+        else:
+            assert isinstance(event, JobFailed)
+            await self.history.record_failed(job.id, error_kind=event.error_kind, error_message=event.message,
+                                             timings=timings or Timings(), finished_at=now)
+        self._emit_final(job, event)
+
+    def _emit_final(self, job: LiveJob, event: JobEvent) -> None:
+        self._jobs.pop(job.id, None)  # a long-running bot must not keep every job in memory
+        self._resumed.pop(job.id, None)
+        self._emit(job, event)
+
+    def _emit(self, job: LiveJob, event: JobEvent) -> None:
+        job.events.put_nowait(event)
+        for q in self._subscribers:
+            q.put_nowait(event)
+
+
+class _AttemptRecorder:
+    """Writes one job's attempts to the history in the order the GPU thread reported them:
+    ``outcome is None`` opens the row (``record_started``), the second report closes it."""
+
+    def __init__(self, history: HistoryStore, job_id: str) -> None:
+        self._history, self._job_id = history, job_id
+        self._numbers: dict[int, int] = {}  # the policy's attempt n -> the history's (it goes on after restarts)
+        self._last: asyncio.Task[None] | None = None
+
+    def add(self, attempt: Attempt) -> None:  # on the loop
+        self._last = asyncio.ensure_future(self._write(self._last, attempt))
+
+    async def drain(self) -> None:
+        if self._last is not None:
+            await self._last
+
+    async def _write(self, previous: asyncio.Task[None] | None, a: Attempt) -> None:
+        if previous is not None:
+            await previous
+        if a.outcome is None:
+            self._numbers[a.n] = await self._history.record_started(
+                self._job_id, started_at=a.started_at, model_id=a.model_id, prompt_used=a.prompt_used)
+        else:
+            await self._history.record_attempt_end(
+                self._job_id, self._numbers[a.n], outcome=a.outcome, verdicts=a.verdicts,
+                retry_reason=a.retry_reason, finished_at=a.finished_at or time.time())

@@ -1,0 +1,353 @@
+"""Engine: submit, cancel, status and events; owns the queue, the GPU thread and its runner.
+
+Everything here runs on the asyncio loop and never waits on torch: torch work is handed to
+the ``GpuExecutor`` and awaited as a future; progress comes back with ``call_soon_threadsafe``.
+The dispatcher (dispatch.py) and the queue plan (plan.py) are its bases; the seats in the
+queue are admission.py's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from engine.config import Config
+from engine.core.admission import Admission
+from engine.core.dispatch import STOPPED_MESSAGE, Dispatcher
+from engine.core.job import JobHandle, LiveJob, user_key
+from engine.core.normalise import clean_prompt, normalise, requested_model
+from engine.core.plan import CostBook, QueuePlan, recorded_busy_s
+from engine.core.runner import JobRunner, default_runner_blocking
+from engine.datalock import DataFolderLock
+from engine.errors import EngineClosedError
+from engine.executor import GpuExecutor
+from engine.history import HistoryStore, StoredJob
+from engine.jobs import EngineEvent, GenerationParams, JobCancelled, JobFailed, JobQueued, JobRequest, JobStatus
+from engine.llm import ChatLLM, LLMCache
+from engine.pipelines import configure_torch_blocking, resolve_device_blocking, resolve_dtype
+from engine.residency import ResidencyStatus, ResidentModel
+from engine.router import Router, build_router, explicit_choice
+from engine.scheduler import RoundRobin, make_scheduler
+
+log = logging.getLogger(__name__)
+
+SEED_JOBS = 500  # recent finished jobs read at start to seed the ETAs
+
+
+class Engine(Dispatcher):
+    """``async with Engine(config) as engine: handle = await engine.submit(JobRequest(...))``."""
+
+    def __init__(self, config: Config, *, history: HistoryStore | None = None, router: Router | None = None,
+                 runner_factory: Callable[[Config, Any, Any], JobRunner] | None = None) -> None:
+        self.config = config
+        self._history = history  # None: the engine opens (and closes) the one in config.data_dir
+        self._owns_history = history is None
+        self._data_lock: DataFolderLock | None = None  # one process runs the jobs of a data folder
+        self._resumed: dict[str, JobHandle] = {}  # jobs taken back at start, until each is final
+        # The router LLM runs on the GPU thread, between jobs (docs/ROUTER.md).
+        self._router = router or build_router(
+            config, run_on_gpu_thread=lambda fn, *args: self._executor.submit(fn, *args), llm=self._router_llm_blocking)
+        self._runner_factory = runner_factory or default_runner_blocking
+        self._executor = GpuExecutor()
+        self._scheduler = make_scheduler(config.scheduler)
+        self._round_robin = RoundRobin()
+        self._timings = CostBook()  # the scheduler's per-model timings and the per-job ETA costs
+        self._arrivals = itertools.count()
+        self._runner: JobRunner | None = None
+        self._llms: LLMCache | None = None  # the chat LLMs, shared by the router and the safety rewriter
+        self._queue: deque[LiveJob] = deque()
+        self._jobs: dict[str, LiveJob] = {}
+        self._running: LiveJob | None = None
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._admission = Admission(config.limits.max_queued_jobs, config.scheduler.max_queued_per_user)
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._subscribers: set[asyncio.Queue[EngineEvent]] = set()
+        # the cached queue plan and what it depends on (plan.py)
+        self._queue_version = 0
+        self._costs_version = 0
+        self._plan_cache: QueuePlan | None = None
+        self._publish_pending = False
+        self.device: Any = None
+
+    # -- lifetime --------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Engine:
+        # 1. own the data folder, before anything is taken back from its history: a second
+        #    process would otherwise adopt (and run again) the live one's jobs
+        folder = self._history.data_dir if self._history is not None else self.config.data_dir
+        self._data_lock = await asyncio.to_thread(DataFolderLock.acquire, folder)
+        try:
+            if self._history is None:
+                self._history = await HistoryStore.open(self.config.data_dir,
+                                                        busy_timeout_s=self.config.history.busy_timeout_s)
+            self._executor.start()
+            try:
+                # 2. the GPU thread, the runner, the ETAs; 3. the jobs an earlier run left
+                self._runner = await self._executor.submit(self._setup_blocking)
+                await self._seed_timings()
+                await self._take_back_unfinished()
+                if self.config.history.keep_images_days:
+                    await self.history.prune_images(self.config.history.keep_images_days)
+            except BaseException:
+                self._admission.closed = True
+                await self._executor.stop()
+                await self._close_history()
+                raise
+        except BaseException:
+            self._release_data_folder()
+            raise
+        self._dispatcher = asyncio.create_task(self._dispatch(), name="promptpics-dispatcher")
+        return self
+
+    @property
+    def resumed(self) -> list[JobHandle]:
+        """Handles of the jobs taken back from the history at start that are not final yet
+        (each is released when its job ends: a long-running bot keeps none of them)."""
+        return list(self._resumed.values())
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def _setup_blocking(self) -> JobRunner:
+        device = resolve_device_blocking(self.config.device)
+        configure_torch_blocking(device)
+        self.device = device
+        return self._runner_factory(self.config, device, resolve_dtype(device, self.config.cuda_dtype))
+
+    def _llm_cache_blocking(self) -> LLMCache:
+        """GPU thread: the runner's chat-LLM cache (the safety rewriter's), or one of our own."""
+        if self._llms is None:
+            self._llms = getattr(self._runner, "llms", None) or LLMCache(
+                self.device, resolve_dtype(self.device, self.config.cuda_dtype))
+        return self._llms
+
+    def _router_llm_blocking(self) -> ChatLLM:
+        return self._llm_cache_blocking().get_blocking(self.config.router_llm_id)
+
+    async def warm_up_router(self) -> None:
+        """Load the router's embedding model and LLM now rather than on the first prompt."""
+        warm_up = getattr(self._router, "warm_up", None)
+        if warm_up is not None:
+            await warm_up()
+
+    async def aclose(self) -> None:
+        """Stop taking jobs and interrupt the running one. Queued and interrupted jobs stay in
+        the history and run after the next start; their handles here get EngineStopped."""
+        if self._closing:
+            return
+        self._closing = self._admission.closed = True  # from here on, submits are refused at once
+        while self._queue:
+            job = self._queue.popleft()
+            self._admission.release(job.user_key)
+            self._emit_final(job, JobFailed(job.id, "EngineStopped", STOPPED_MESSAGE))
+        if self._running is not None:
+            self._running.cancel.set()
+        self._wakeup.set()
+        if self._dispatcher is not None:
+            await self._dispatcher
+        # submits already past their seat finish (routing may still use the GPU thread): each
+        # ends recorded and answered "kept for the next start", or refused
+        await self._admission.all_entered()
+        if self._runner is not None:
+            await self._executor.submit(self._runner.residency.unload_all_blocking)
+        llms = self._llms or getattr(self._runner, "llms", None)
+        if llms is not None:
+            await self._executor.submit(llms.release_all_blocking)
+        router_aclose = getattr(self._router, "aclose", None)
+        if router_aclose is not None:
+            await router_aclose()
+        await self._executor.stop()
+        await self._close_history()
+        self._release_data_folder()
+
+    def _release_data_folder(self) -> None:
+        if self._data_lock is not None:
+            self._data_lock.release()
+            self._data_lock = None
+
+    async def _close_history(self) -> None:
+        if self._owns_history and self._history is not None:
+            await self._history.close()
+
+    async def _seed_timings(self) -> None:
+        """ETAs from the first job on: the recent finished jobs' timings, oldest first."""
+        jobs = [j for j in reversed(await self.history.recent_jobs(limit=SEED_JOBS))
+                if j.status is JobStatus.SUCCEEDED and j.params.model_id in self.config.models]
+        seeded = self._timings.seed((j.params, recorded_busy_s(j), j.timings.load_s) for j in jobs)
+        if seeded:
+            log.info("ETAs seeded from %d recorded job(s)", seeded)
+
+    async def _take_back_unfinished(self) -> None:
+        """Jobs that were queued or running when the last process died run again, in their
+        original order (a running one restarts from scratch as a new attempt)."""
+        for stored in await self.history.requeue_interrupted():
+            if stored.params.model_id not in self.config.models:
+                message = f"Model `{stored.params.model_id}` is no longer configured, so this job cannot run."
+                await self.history.record_failed(stored.id, error_kind="ModelLoadError", error_message=message,
+                                                 timings=stored.timings, finished_at=time.time())
+                continue
+            job = self._job_from_history(stored)
+            self._jobs[job.id] = job
+            self._admission.hold(job.user_key)  # accepted by the earlier run: no cap applies again
+            self._enqueue(job)
+            self._resumed[job.id] = JobHandle(self, job, len(self._queue))
+        for handle in self._resumed.values():  # one plan for them all
+            handle.position = self._position(handle.id)
+            self._emit(handle._job, JobQueued(handle.id, handle.position, handle.params, resumed=True,
+                                              eta_s=self.eta(handle.id)))
+        if self._resumed:
+            log.info("took back %d unfinished job(s) from the history", len(self._resumed))
+
+    @staticmethod
+    def _job_from_history(stored: StoredJob) -> LiveJob:
+        p = stored.params
+        request = JobRequest(prompt=p.prompt, model=stored.model_asked, negative_prompt=p.negative_prompt,
+                             steps=p.steps, guidance=p.guidance, width=p.width, height=p.height, seed=p.seed,
+                             requester=stored.requester, origin=stored.origin, nsfw_allowed=stored.nsfw_allowed)
+        waited = max(0.0, time.time() - stored.created_at)
+        return LiveJob(id=stored.id, request=request, params=p, events=asyncio.Queue(), created_at=stored.created_at,
+                       queued_mono=time.perf_counter() - waited)
+
+    # -- the public surface ----------------------------------------------------------------
+
+    async def submit(self, request: JobRequest) -> JobHandle:
+        """Validate, route, queue. Raises RequestError / QueueFullError with a ready sentence.
+
+        Rule 6 (decide, then await): the seat in the queue is checked and taken before the first
+        await and given back if anything after it fails, so concurrent submits cannot pass a cap.
+        Once the job is being recorded it is as good as accepted: a caller cancelled from then on
+        (a dropped interaction) does not take it back half-written; it is queued and delivered."""
+        prompt = clean_prompt(request.prompt, self.config.limits)
+        explicit = requested_model(request, self.config)
+        user = user_key(request)
+        self._admission.reserve(user)  # raises: closing, queue full, this user at the cap
+        self._admission.entering()
+        try:
+            params = await self._route(request, prompt, explicit)
+            if self._closing:
+                raise EngineClosedError("submit")
+            queuing = asyncio.ensure_future(self._record_and_queue(request, params, explicit))
+        except BaseException:
+            self._admission.release(user)
+            self._admission.entered()
+            raise
+        queuing.add_done_callback(self._queued_or_failed)
+        return await asyncio.shield(queuing)
+
+    async def _route(self, request: JobRequest, prompt: str, explicit: str | None) -> GenerationParams:
+        if explicit:
+            decision = explicit_choice(explicit, self.config)
+        else:  # a near tie goes to a model that is already loaded
+            decision = await self._router.route(prompt, resident=self._resident_ids())
+        return normalise(request, self.config.model(decision.model_id), self.config, route_reason=decision.reason)
+
+    async def _record_and_queue(self, request: JobRequest, params: GenerationParams, explicit: str | None) -> JobHandle:
+        """The seat is held: record the job, then queue it on that seat (or give it back)."""
+        created = time.time()
+        try:
+            # Recorded before it is acknowledged: once submit returns, a crash cannot lose the job.
+            stored = await self.history.record_queued(requester=request.requester, origin=request.origin,
+                                                      model_asked=explicit, params=params, created_at=created,
+                                                      nsfw_allowed=request.nsfw_allowed)
+        except BaseException:
+            self._admission.release(user_key(request))
+            raise
+        job = LiveJob(id=stored.id, request=request, params=params, events=asyncio.Queue(), created_at=created)
+        if self._closing:  # stopped while it was being recorded: it is kept, and runs after the next start
+            self._admission.release(job.user_key)
+            self._emit(job, JobFailed(job.id, "EngineStopped", STOPPED_MESSAGE))
+            return JobHandle(self, job, 0)
+        self._jobs[job.id] = job
+        self._enqueue(job)  # the seat held since the start of submit is the job's now
+        position = self._position(job.id)
+        eta_s = self.eta(job.id)
+        log.info("job %s: queued #%d for %s (%s)%s", job.id, position, params.model_id, params.route_reason,
+                 f", ETA {eta_s:.1f} s" if eta_s is not None else "")
+        self._emit(job, JobQueued(job.id, position, params, eta_s=eta_s))
+        self._wakeup.set()
+        return JobHandle(self, job, position)
+
+    def _queued_or_failed(self, queuing: asyncio.Future[JobHandle]) -> None:
+        if not queuing.cancelled() and queuing.exception() is not None:  # retrieved: its caller may be gone
+            log.debug("a submit failed while recording: %s", queuing.exception())
+        self._admission.entered()
+
+    async def cancel(self, job_id: str) -> bool:
+        """Queued: removed at once. Running: stopped within one denoising step. Else False."""
+        job = self._jobs.get(job_id)
+        if job is None or job.status.is_final:
+            return False
+        if job.status is JobStatus.QUEUED and job in self._queue:
+            self._dequeue(job)
+            await self._finish(job, JobStatus.CANCELLED, JobCancelled(job.id, while_running=False))
+            return True
+        job.cancelled_by_user = True
+        job.cancel.set()  # the step callback sees it on the GPU thread
+        return True
+
+    def status(self, job_id: str) -> JobStatus | None:
+        job = self._jobs.get(job_id)
+        return job.status if job else None
+
+    # -- admin -----------------------------------------------------------------------------
+
+    async def preload(self, model_id: str, *, pin: bool = False) -> float:
+        """Make a model resident ahead of demand (admin); runs on the GPU thread between jobs.
+        ``pin``: exempt it from eviction by the cost rule. Returns the seconds spent loading
+        (0.0 if it was already resident)."""
+        runner = self._check_open()
+        spec = self.config.model(self._known_model(model_id))
+        try:
+            return float(await self._executor.submit(functools.partial(runner.residency.preload_blocking, spec, pin=pin)))
+        finally:
+            self._queue_changed()  # what is loaded changed: the plan and the ETAs with it
+
+    async def pin(self, model_id: str, pinned: bool = True) -> None:
+        """Pin (or unpin) a model: a pinned model is not evicted to make room (admin)."""
+        runner = self._check_open()
+        await self._executor.submit(runner.residency.pin_blocking, self._known_model(model_id), pinned)
+
+    def residency_status(self) -> ResidencyStatus | None:
+        """Which model is where, bytes, last use, pins; the GPU budget, used and free; the RAM tier."""
+        return self._runner.residency.status() if self._runner else None
+
+    async def unload(self, model_id: str) -> bool:
+        """Drop a model from memory (admin); False if it was not loaded."""
+        runner = self._check_open()
+        try:
+            return bool(await self._executor.submit(runner.residency.unload_blocking, self._known_model(model_id)))
+        finally:
+            self._queue_changed()
+
+    def _check_open(self) -> JobRunner:
+        """The runner, for an admin call; refused at once when the engine is not running
+        (never queued onto a GPU thread that has stopped)."""
+        if self._closing or self._runner is None:
+            raise EngineClosedError("admin")
+        return self._runner
+
+    def _known_model(self, model_id: str) -> str:
+        return requested_model(JobRequest(prompt="-", model=model_id), self.config) or self.config.default_model
+
+    def _resident_ids(self) -> frozenset[str]:
+        return frozenset(m.model_id for m in self.resident_models())
+
+    def resident_models(self) -> tuple[ResidentModel, ...]:
+        return self._runner.residency.snapshot() if self._runner else ()
+
+    def subscribe(self) -> asyncio.Queue[EngineEvent]:
+        """Every job's events, and a ``QueueMoved`` after each change of the queue (for the
+        delivery side); call ``unsubscribe`` when done."""
+        q: asyncio.Queue[EngineEvent] = asyncio.Queue()
+        self._subscribers.add(q)
+        return q
+
+    def unsubscribe(self, q: asyncio.Queue[EngineEvent]) -> None:
+        self._subscribers.discard(q)

@@ -1,0 +1,28 @@
+"""The diffusers side: load a model family, run one generation, show its latents.
+
+    loaders.py    one loader per family, placement on the device, LoadedPipeline, device/dtype
+    run.py        generate_blocking: the step callback (progress, previews, NaN check), cancel
+    errors.py     foreign errors -> the engine's (out of memory, a broken or missing model)
+    previews.py   latent -> small RGB previews from the step callback, without the VAE
+"""
+
+from engine.pipelines.errors import is_out_of_memory, translate_error
+from engine.pipelines.loaders import (
+    LoadedPipeline,
+    configure_torch_blocking,
+    free_memory_blocking,
+    load_pipeline_blocking,
+    pipeline_nbytes,
+    release_blocking,
+    resolve_device_blocking,
+    resolve_dtype,
+)
+from engine.pipelines.previews import LatentPreviewer, Preview
+from engine.pipelines.run import PreviewCallback, StepCallback, generate_blocking
+
+__all__ = [
+    "LatentPreviewer", "LoadedPipeline", "Preview", "PreviewCallback", "StepCallback",
+    "configure_torch_blocking", "free_memory_blocking", "generate_blocking", "is_out_of_memory",
+    "load_pipeline_blocking", "pipeline_nbytes", "release_blocking",
+    "resolve_device_blocking", "resolve_dtype", "translate_error",
+]
