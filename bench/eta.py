@@ -185,7 +185,9 @@ def tiny_config(device: str, data_dir: Path) -> Any:
     from engine.tiny import ensure_tiny_models
 
     config = load_config(REPO / "config.toml", env={})
-    config = config.model_copy(update={"device": device, "data_dir": data_dir, "limits": config.limits.model_copy(update={"min_image_side": 64})})
+    config = config.model_copy(update={"device": device,
+        "data_dir": data_dir,
+        "limits": config.limits.model_copy(update={"min_image_side": 64})})
     return with_tiny_models(config, ensure_tiny_models(Path(tempfile.gettempdir()) / "promptpics-bench-tiny"))
 
 

@@ -587,7 +587,10 @@ def bench_config(args: argparse.Namespace, data_dir: Path) -> Any:
     from engine.tiny import ensure_tiny_models
 
     config = load_config(REPO / "config.toml", env={})
-    config = config.model_copy(update={"device": "cpu", "data_dir": data_dir, "limits": config.limits.model_copy(update={"max_queued_jobs": args.queue_limit}), "scheduler": config.scheduler.model_copy(update={"max_queued_per_user": args.cap})})
+    config = config.model_copy(update={"device": "cpu",
+        "data_dir": data_dir,
+        "limits": config.limits.model_copy(update={"max_queued_jobs": args.queue_limit}),
+        "scheduler": config.scheduler.model_copy(update={"max_queued_per_user": args.cap})})
     return with_tiny_models(config, ensure_tiny_models(Path(tempfile.gettempdir()) / "promptpics-bench-tiny"))
 
 

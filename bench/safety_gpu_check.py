@@ -32,7 +32,8 @@ def tiny_config() -> Any:
     from engine.tiny import ensure_tiny_models
 
     config = load_config(REPO / "config.toml", env={})
-    config = config.model_copy(update={"device": "cuda", "limits": config.limits.model_copy(update={"min_image_side": 64})})
+    config = config.model_copy(update={"device": "cuda",
+        "limits": config.limits.model_copy(update={"min_image_side": 64})})
     return with_tiny_models(config, ensure_tiny_models(Path(tempfile.gettempdir()) / "promptpics-safety-tiny"))
 
 

@@ -287,7 +287,8 @@ def tiny(tiny_models: Any, tmp_path: Path, **scheduler: Any) -> Any:
     from tests.conftest import make_tiny_config
 
     config = make_tiny_config(tiny_models, tmp_path / "data")
-    return config.model_copy(update={"scheduler": config.scheduler.model_copy(update={**scheduler}), "residency": config.residency.model_copy(update={"gpu_budget_gb": 1e-6})})  # one model at a time
+    return config.model_copy(update={"scheduler": config.scheduler.model_copy(update={**scheduler}),
+        "residency": config.residency.model_copy(update={"gpu_budget_gb": 1e-6})})  # one model at a time
 
 
 class GatedEngine:
