@@ -301,6 +301,9 @@ class Config(SettingsModel):
         for model_id in raw:
             if not model_id.replace("_", "").isalnum() or not model_id.islower():
                 raise broken("a model id must be lower-case letters, digits and '_'", model_id, at=f".{model_id}")
+            if isinstance(raw[model_id], Mapping) and "id" in raw[model_id]:
+                raise broken("it is not a known key here: the id is the table's name", raw[model_id]["id"],
+                             at=f".{model_id}.id")
         return {mid: {**table, "id": mid} if isinstance(table, Mapping) else table for mid, table in raw.items()}
 
     @field_validator("data_dir")
