@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import os
 import platform
 import statistics
@@ -41,7 +40,8 @@ def tiny_config(device: str):
     from engine.tiny import ensure_tiny_models
 
     config = load_config(REPO / "config.toml", env={})
-    config = dataclasses.replace(config, device=device, limits=dataclasses.replace(config.limits, min_image_side=64))
+    config = config.model_copy(update={"device": device,
+        "limits": config.limits.model_copy(update={"min_image_side": 64})})
     return with_tiny_models(config, ensure_tiny_models(Path(tempfile.gettempdir()) / "promptpics-bench-tiny"))
 
 

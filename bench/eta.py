@@ -180,7 +180,7 @@ def sim_config(data_dir: Path) -> Any:
     from engine.config import load_config
 
     config = load_config(REPO / "config.toml", env={})
-    return dataclasses.replace(config, device="cpu", data_dir=data_dir)
+    return config.model_copy(update={"device": "cpu", "data_dir": data_dir})
 
 
 def tiny_config(device: str, data_dir: Path) -> Any:
@@ -188,8 +188,9 @@ def tiny_config(device: str, data_dir: Path) -> Any:
     from engine.tiny import ensure_tiny_models
 
     config = load_config(REPO / "config.toml", env={})
-    config = dataclasses.replace(config, device=device, data_dir=data_dir,
-                                 limits=dataclasses.replace(config.limits, min_image_side=64))
+    config = config.model_copy(update={"device": device,
+        "data_dir": data_dir,
+        "limits": config.limits.model_copy(update={"min_image_side": 64})})
     return with_tiny_models(config, ensure_tiny_models(Path(tempfile.gettempdir()) / "promptpics-bench-tiny"))
 
 

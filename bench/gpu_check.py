@@ -51,8 +51,8 @@ def tiny_config(**model_overrides: dict[str, Any]):
 
     config = load_config(REPO / "config.toml", env={})
     config = with_tiny_models(config, ensure_tiny_models(Path(tempfile.gettempdir()) / "pp-gpu-tiny"))
-    models = {mid: dataclasses.replace(m, **model_overrides.get(mid, {})) for mid, m in config.models.items()}
-    return dataclasses.replace(config, models=models, device="auto")
+    models = {mid: m.model_copy(update={**model_overrides.get(mid, {})}) for mid, m in config.models.items()}
+    return config.model_copy(update={"models": models, "device": "auto"})
 
 
 async def run_jobs(config, requests) -> list[Any]:

@@ -591,10 +591,10 @@ def bench_config(args: argparse.Namespace, data_dir: Path) -> Any:
     from engine.tiny import ensure_tiny_models
 
     config = load_config(REPO / "config.toml", env={})
-    config = dataclasses.replace(
-        config, device="cpu", data_dir=data_dir,
-        limits=dataclasses.replace(config.limits, max_queued_jobs=args.queue_limit),
-        scheduler=dataclasses.replace(config.scheduler, max_queued_per_user=args.cap))
+    config = config.model_copy(update={"device": "cpu",
+        "data_dir": data_dir,
+        "limits": config.limits.model_copy(update={"max_queued_jobs": args.queue_limit}),
+        "scheduler": config.scheduler.model_copy(update={"max_queued_per_user": args.cap})})
     return with_tiny_models(config, ensure_tiny_models(Path(tempfile.gettempdir()) / "promptpics-bench-tiny"))
 
 
@@ -623,8 +623,7 @@ async def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     config = await asyncio.to_thread(bench_config, args, data_dir)
     runner = StandInRunner(args.scale, args.seed)
     engine = Engine(config, runner_factory=lambda c, device, dtype: runner)
-    settings = dataclasses.replace(parse_bot_settings(config.platform_tables.get("bot", {}), config),
-                                   cooldown_s=args.cooldown)
+    settings = (parse_bot_settings(config.platform_tables.get("bot", {}), config)).model_copy(update={"cooldown_s": args.cooldown})
     commands = Commands(engine, settings, {PLATFORM: AdminPolicy()})
     delivery = Delivery(commands)
     outlet = RecordingOutlet()

@@ -18,7 +18,6 @@ Prints Markdown tables for docs/PERFORMANCE.md.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import platform
 import statistics
@@ -192,7 +191,7 @@ def main() -> None:
 
     if args.tiny_steps:
         config = load_config(REPO / "config.toml", env={})
-        config = dataclasses.replace(config, device=str(device))
+        config = config.model_copy(update={"device": str(device)})
         config = with_tiny_models(config, ensure_tiny_models(Path(tempfile.gettempdir()) / "promptpics-bench-tiny"))
         print(f"\nTiny twins, {args.tiny_steps} steps, a preview at every step (the default is every 4 steps and 2 s):\n")
         print("| family | image | s per step | s per step with previews | a preview is this share of a tiny step |")

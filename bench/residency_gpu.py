@@ -161,11 +161,11 @@ def drop_page_cache() -> bool:
 def check_manager(workdir: Path) -> dict[str, Any]:
     import torch
 
-    from engine.config import load_config, with_tiny_models
+    from engine.config import ResidencySettings, load_config, with_tiny_models
     from engine.errors import OutOfMemoryError
     from engine.jobs import GenerationParams
     from engine.pipelines import configure_torch_blocking, generate_blocking
-    from engine.residency import GiB, ResidencyManager, ResidencySettings
+    from engine.residency import GiB, ResidencyManager
     from engine.tiny import ensure_tiny_models
 
     config = with_tiny_models(load_config(REPO / "config.toml", env={}), ensure_tiny_models(workdir / "tiny"))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import datetime
 import json
 import os
@@ -53,7 +52,7 @@ async def run(args: argparse.Namespace) -> int:
 
         config = with_tiny_models(config, ensure_tiny_models(config.tiny_cache_dir))
     stages = tuple(s for s in args.stages.split(",") if s)
-    config = dataclasses.replace(config, router=dataclasses.replace(config.router, stages=stages))
+    config = config.model_copy(update={"router": config.router.model_copy(update={"stages": stages})})
     model_ids = list(config.models)
     async with CascadeRouter(config) as router:
         started = time.perf_counter()

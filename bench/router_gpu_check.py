@@ -33,11 +33,10 @@ async def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from engine.config import load_config, with_tiny_models
+    from engine.config import RouterConfig, load_config, with_tiny_models
     from engine.executor import GpuExecutor
     from engine.llm import ChatLLM, LLMCache
     from engine.router import CascadeRouter
-    from engine.router_config import RouterConfig
     from engine.tiny import ensure_tiny_models
 
     on_cuda = (sys.argv[1:] or ["cuda"])[0] != "cpu"

@@ -42,9 +42,10 @@ def main() -> None:
     import numpy as np
     from PIL import Image
 
-    from engine.safety import BlackImageDetector, NudeNetDetector, PromptCheck, check_latents_blocking, parse_safety_config
+    from engine.config import SafetyConfig
+    from engine.safety import BlackImageDetector, NudeNetDetector, PromptCheck, check_latents_blocking
 
-    config = parse_safety_config({})
+    config = SafetyConfig()
     rng = np.random.default_rng(0)
     rows: list[tuple[str, float]] = []
 

@@ -11,7 +11,6 @@ Not a test (CI has no GPU); figures go to docs/SAFETY.md.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import statistics
@@ -33,7 +32,8 @@ def tiny_config() -> Any:
     from engine.tiny import ensure_tiny_models
 
     config = load_config(REPO / "config.toml", env={})
-    config = dataclasses.replace(config, device="cuda", limits=dataclasses.replace(config.limits, min_image_side=64))
+    config = config.model_copy(update={"device": "cuda",
+        "limits": config.limits.model_copy(update={"min_image_side": 64})})
     return with_tiny_models(config, ensure_tiny_models(Path(tempfile.gettempdir()) / "promptpics-safety-tiny"))
 
 
@@ -88,13 +88,14 @@ def nudenet_cpu() -> None:
     import numpy as np
     from PIL import Image
 
-    from engine.safety import NudeNetDetector, parse_safety_config
+    from engine.config import SafetyConfig
+    from engine.safety import NudeNetDetector
     from engine.safety.detectors import _shared_nudenet
 
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (768, 768, 3), np.uint8))
     for threads in (4, 16):
-        detector = NudeNetDetector(parse_safety_config({}).nudenet_thresholds,
+        detector = NudeNetDetector(SafetyConfig().nudenet_thresholds,
                                    loader=functools.partial(_shared_nudenet, threads))
         detector.check_blocking(image)
         times = []

@@ -68,10 +68,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from engine.config import ModelSpec, load_config  # noqa: E402
+from engine.config import ModelSpec, ResidencySettings, load_config  # noqa: E402
 from engine.errors import OutOfMemoryError  # noqa: E402
 from engine.pipelines import LoadedPipeline  # noqa: E402
-from engine.residency import GiB, ResidencyManager, ResidencySettings  # noqa: E402
+from engine.residency import GiB, ResidencyManager  # noqa: E402
 from engine.scheduler import (  # noqa: E402
     AffinityScheduler,
     FifoScheduler,
@@ -376,10 +376,10 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
 def config_scheduler_settings() -> Any:
     import tomllib
 
-    from engine.scheduler import parse_scheduler_config
+    from engine.config import SchedulerSettings, validate_table
 
     raw = tomllib.loads((REPO / "config.toml").read_text(encoding="utf-8"))
-    return parse_scheduler_config(raw.get("scheduler", {}))
+    return validate_table(SchedulerSettings, raw.get("scheduler", {}), "scheduler.")
 
 
 def print_table(out: dict[str, Any]) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import sys
 import time
@@ -52,8 +51,7 @@ def _prepare(config: Config) -> Config:
 
 
 def _with_stages(config: Config, stages: str | None) -> Config:
-    from engine.errors import ConfigError
-    from engine.router_config import STAGES
+    from engine import STAGES, ConfigError
 
     if not stages:
         return config
@@ -61,7 +59,7 @@ def _with_stages(config: Config, stages: str | None) -> Config:
     if not chosen or any(s not in STAGES for s in chosen):
         raise ConfigError("--stages", stages, f"it must list stages from {', '.join(STAGES)}, comma-separated")
     ordered = tuple(s for s in STAGES if s in chosen)  # they always run in this order
-    return dataclasses.replace(config, router=dataclasses.replace(config.router, stages=ordered))
+    return config.model_copy(update={"router": config.router.model_copy(update={"stages": ordered})})
 
 
 def _router(config: Config) -> CascadeRouter:
@@ -73,7 +71,7 @@ def _router(config: Config) -> CascadeRouter:
 async def cmd_route(config: Config, args: argparse.Namespace) -> int:
     config = _with_stages(await asyncio.to_thread(_prepare, config), args.stages)
     timeout = max(config.router.llm_timeout_s, ONE_SHOT_LLM_TIMEOUT_S)
-    config = dataclasses.replace(config, router=dataclasses.replace(config.router, llm_timeout_s=timeout))
+    config = config.model_copy(update={"router": config.router.model_copy(update={"llm_timeout_s": timeout})})
     async with _router(config) as router:
         started = time.perf_counter()
         decision = await router.route(args.prompt)

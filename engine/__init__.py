@@ -1,6 +1,18 @@
 """PromptPics engine: the public surface the bot may use. Importing it loads no torch."""
 
-from engine.config import Config, ModelSpec, load_config, with_tiny_models
+from engine.config import (
+    HIDDEN,
+    STAGES,
+    Config,
+    ModelSpec,
+    SafetyConfig,
+    SettingsModel,
+    Text,
+    broken,
+    load_config,
+    validate_table,
+    with_tiny_models,
+)
 from engine.core import MAX_SEED, Engine, JobHandle, QueueEntry, describe_models
 from engine.errors import (
     ConfigError,
@@ -34,7 +46,7 @@ from engine.jobs import (
     Requester,
     Timings,
 )
-from engine.safety import BlankImageError, ImageRefusedError, SafetyConfig, UnsafeContentError
+from engine.safety import BlankImageError, ImageRefusedError, UnsafeContentError
 
 __all__ = [
     "Config", "ConfigError", "Engine", "EngineError", "GenerationError", "GenerationParams", "JobCancelled",
@@ -44,4 +56,5 @@ __all__ = [
     "with_tiny_models", "BlankImageError", "ImageRefusedError", "SafetyConfig", "UnsafeContentError",
     "DataFolderBusyError", "EngineClosedError", "EngineEvent", "QueueMoved", "QueuePlace", "MAX_SEED",
     "describe_models",
+    "HIDDEN", "STAGES", "SettingsModel", "Text", "broken", "validate_table",
 ]

@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from engine.config import Config
+from engine.config import Config, RouterConfig
 from engine.embeddings import (
     EmbeddingUnavailable,
     ExampleIndex,
@@ -46,7 +46,6 @@ from engine.embeddings import (
 )
 from engine.errors import ModelLoadError
 from engine.llm import ChatLLM, LLMCache
-from engine.router_config import RouterConfig
 from engine.router_llm import choose_blocking, system_prompt
 from engine.router_rules import RuleBook
 from engine.router_threads import Worker, limit_torch_threads

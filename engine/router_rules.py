@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from engine.router_config import RuleSpec
+from engine.config import RuleSpec
 
 _WORD = re.compile(r"[\w'’-]+")
 

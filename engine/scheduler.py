@@ -32,14 +32,12 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Protocol
 
-from engine.errors import ConfigError, EngineError, QueueFullError
-
-POLICIES = ("affinity", "fifo")
-
+from engine.config import SchedulerSettings
+from engine.errors import EngineError, QueueFullError
 
 # -- plain data ------------------------------------------------------------------------------
 
@@ -63,14 +61,6 @@ class Pick:
     job_id: str
     passed_over: tuple[str, ...]  # the queued jobs this pick overtakes: each gets one more pass
     reason: str  # "fifo", "resident", "parked", "load", "bound" (a job at its bound runs)
-
-
-@dataclass(frozen=True, slots=True)
-class SchedulerSettings:
-    policy: str = "affinity"
-    max_passed_over: int = 8  # K
-    max_extra_wait_s: float = 300.0  # T
-    max_queued_per_user: int = 10
 
 
 class UserQueueFullError(QueueFullError):
@@ -476,40 +466,3 @@ def needed_soon(planned: Sequence[Planned], horizon: int = 8) -> tuple[str, ...]
 def _mean(values: Iterable[float], default: float) -> float:
     vals = list(values)
     return sum(vals) / len(vals) if vals else default
-
-
-# -- configuration ---------------------------------------------------------------------------
-
-
-def parse_scheduler_config(raw: Mapping[str, Any]) -> SchedulerSettings:
-    """The ``[scheduler]`` table; every broken rule is a ConfigError naming key and value."""
-    known = {"policy", "max_passed_over", "max_extra_wait_s", "max_queued_per_user"}
-    for key in raw:
-        if key not in known:
-            raise ConfigError(f"scheduler.{key}", raw[key], f"it is not a known key here (known: {', '.join(sorted(known))})")
-    d = SchedulerSettings()
-    policy = raw.get("policy", d.policy)
-    if policy not in POLICIES:
-        raise ConfigError("scheduler.policy", policy, f"it must be one of {', '.join(repr(p) for p in POLICIES)}")
-    k = _whole(raw, "max_passed_over", d.max_passed_over, low=0)
-    t = _number(raw, "max_extra_wait_s", d.max_extra_wait_s)
-    cap = _whole(raw, "max_queued_per_user", d.max_queued_per_user, low=1)
-    return SchedulerSettings(policy, k, t, cap)
-
-
-def _whole(raw: Mapping[str, Any], key: str, default: int, *, low: int) -> int:
-    value = raw.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"scheduler.{key}", value, "it must be a whole number")
-    if value < low:
-        raise ConfigError(f"scheduler.{key}", value, f"it must be at least {low}")
-    return value
-
-
-def _number(raw: Mapping[str, Any], key: str, default: float) -> float:
-    value = raw.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigError(f"scheduler.{key}", value, "it must be a number of seconds")
-    if value < 0:
-        raise ConfigError(f"scheduler.{key}", value, "it must be at least 0 seconds")
-    return float(value)

@@ -4,7 +4,6 @@ reactions fired at once cannot pass it, and a refused job gives it back. Real En
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +32,7 @@ def commands_for(engine: Any, cooldown_s: float, clock: Clock) -> Commands:
 
 def engine_with_caps(tiny_models: Any, data_dir: Path, per_user: int) -> GatedEngine:
     config = make_tiny_config(tiny_models, data_dir)
-    return GatedEngine(dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler,
-                                                                                  max_queued_per_user=per_user)))
+    return GatedEngine(config.model_copy(update={"scheduler": config.scheduler.model_copy(update={"max_queued_per_user": per_user})}))
 
 
 async def test_eight_concurrent_imagines_pass_the_cooldown_once(tiny_models: Any, tmp_path: Path) -> None:

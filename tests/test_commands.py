@@ -199,7 +199,7 @@ async def test_a_refused_request_costs_no_cooldown_and_carries_the_engines_sente
 
 async def test_adult_images_follow_the_channel_flag_or_the_safety_allow_list(config: Config,
                                                                            history: HistoryStore) -> None:
-    allow = dataclasses.replace(config, safety=dataclasses.replace(config.safety, nsfw_allowed_channels=("chat:room-9",)))
+    allow = config.model_copy(update={"safety": config.safety.model_copy(update={"nsfw_allowed_channels": ("chat:room-9",)})})
     commands = make_commands(allow, history, cooldown_s=0)
     await commands.imagine(ALICE, ImagineOptions("a fox"), HERE)
     await commands.imagine(ALICE, ImagineOptions("a fox"), HERE, adult_channel=True)

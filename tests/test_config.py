@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from engine.config import load_config, parse_config
+from engine.config import Limits, PreviewSettings, SafetyConfig, SchedulerSettings, load_config, parse_config
 from engine.errors import ConfigError
 from tests.conftest import REPO, repo_config_raw
 
@@ -101,3 +101,31 @@ def test_local_folder_sources_resolve_against_the_config_folder(tmp_path: Path) 
     config = parse_config(raw, {}, base_dir=tmp_path)
     assert config.model("flux_dev").source == str(tmp_path / "weights" / "flux")
     assert config.model("realvis_xl").source == "SG161222/RealVisXL_V4.0"  # hub ids untouched
+
+
+@pytest.mark.parametrize(
+    ("mutate", "env", "key", "rule"),
+    [
+        (lambda r: r["safety"]["black"].update(colour=3), {}, "safety.black.colour", "not a known key here (known: blank_max_std"),
+        (lambda r: r["safety"].update(black=3), {}, "safety.black", "it must be a table"),
+        (lambda r: r["safety"].update(dark_level=3), {}, "safety.dark_level", "not a known key"),  # only in [safety.black]
+        (lambda r: r["history"].update(busy_timeout_s=0), {}, "history.busy_timeout_s", "more than 0 seconds"),
+        (lambda r: r["previews"].update(max_side=5000), {}, "previews.max_side", "within 16..1024"),
+        (lambda r: None, {"ROUTER_LLM_ID": " "}, "ROUTER_LLM_ID", "non-empty string"),
+        (lambda r: None, {"PROMPTPICS_DEVICE": "tpu"}, "PROMPTPICS_DEVICE", "'cuda:N'"),
+    ],
+)
+def test_nested_tables_and_environment_values_are_named_in_full(mutate: Any, env: dict[str, str], key: str,
+                                                                   rule: str) -> None:
+    raw = repo_config_raw()
+    mutate(raw)
+    with pytest.raises(ConfigError) as info:
+        parse(raw, env)
+    assert info.value.key == key and rule in info.value.rule
+
+
+def test_defaults_live_in_the_schema_not_in_the_file() -> None:
+    raw = {"models": repo_config_raw()["models"]}
+    config = parse(raw)
+    assert config.limits == Limits() and config.scheduler == SchedulerSettings() and config.safety == SafetyConfig()
+    assert config.previews == PreviewSettings() and config.router.stages == ("rules", "embeddings", "llm")

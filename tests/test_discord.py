@@ -295,8 +295,7 @@ async def test_cancel_reaction_on_a_status_message_cancels_queued_and_running_jo
 
 async def test_previews_reach_the_status_message_as_edits_with_an_image(fake: FakeDiscord, tiny_models: Any,
                                                                         tmp_path: Path) -> None:
-    config = dataclasses.replace(make_tiny_config(tiny_models, tmp_path / "data"),
-                                 previews=PreviewSettings(every_steps=1, min_interval_s=0.0))
+    config = make_tiny_config(tiny_models, tmp_path / "data").model_copy(update={"previews": PreviewSettings(every_steps=1, min_interval_s=0.0)})
     async with bot(fake, config) as running:
         interaction = await fake.slash("imagine", {"prompt": "a neon fox", "steps": 4, "width": 128, "height": 64})
         job_id = job_id_in((await running.reply_to(interaction))["content"])
@@ -316,8 +315,7 @@ async def test_previews_reach_the_status_message_as_edits_with_an_image(fake: Fa
 
 async def test_cancel_reaction_stops_a_running_job_within_one_step_and_drops_its_preview(
         fake: FakeDiscord, tiny_models: Any, tmp_path: Path) -> None:
-    config = dataclasses.replace(make_tiny_config(tiny_models, tmp_path / "data", max_steps=5000),
-                                 previews=PreviewSettings(every_steps=1, min_interval_s=0.0))
+    config = make_tiny_config(tiny_models, tmp_path / "data", max_steps=5000).model_copy(update={"previews": PreviewSettings(every_steps=1, min_interval_s=0.0)})
     async with bot(fake, config) as running:
         engine = running.core.engine
         events = engine.subscribe()
@@ -490,7 +488,7 @@ async def test_sync_commands_cli_prints_the_commands_and_the_invite_url(fake: Fa
 async def test_a_refused_token_stops_run_with_a_sentence_and_no_token_shown(fake: FakeDiscord, config: Config,
                                                                             capsys: pytest.CaptureFixture[str]) -> None:
     settings = settings_for(fake)
-    settings = dataclasses.replace(settings, discord=dataclasses.replace(settings.discord, token="wrong-token"))
+    settings = settings.model_copy(update={"discord": settings.discord.model_copy(update={"token": "wrong-token"})})
     code = await asyncio.wait_for(serve(config, settings), 60)
     err = capsys.readouterr().err
     assert code == 1 and "discord refused the token" in err and "DISCORD_TOKEN" in err

@@ -107,7 +107,7 @@ async def test_a_model_that_fails_to_load_is_reported_and_the_next_job_runs(tiny
     config = make_tiny_config(tiny_models, tmp_path / "data")
     broken = tmp_path / "broken-model"
     broken.mkdir()
-    config = replace(config, models={**config.models, "sd3_medium": replace(config.model("sd3_medium"), source=str(broken))})
+    config = config.model_copy(update={"models": {**config.models, "sd3_medium": config.model("sd3_medium").model_copy(update={"source": str(broken)})}})
     async with Engine(config) as engine:
         bad = await engine.submit(JobRequest("poster", model="sd3_medium", steps=1, width=64, height=64))
         good = await engine.submit(JobRequest("fox", model="flux_dev", steps=1, width=64, height=64))

@@ -41,7 +41,7 @@ WAIT = 60  # a safety net for a loaded machine; every wait below ends on an even
 
 def capped(tiny_models: Any, data_dir: Path, *, per_user: int, total: int) -> Any:
     config = make_tiny_config(tiny_models, data_dir, max_queued_jobs=total)
-    return dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler, max_queued_per_user=per_user))
+    return config.model_copy(update={"scheduler": config.scheduler.model_copy(update={"max_queued_per_user": per_user})})
 
 
 async def gather(*aws: Any) -> list[Any]:
@@ -329,7 +329,7 @@ async def test_prompts_skip_the_embedding_stage_while_its_model_loads(tiny_confi
 
         return SlowEncoder()
 
-    config = dataclasses.replace(tiny_config, router=dataclasses.replace(tiny_config.router, stages=("embeddings",)))
+    config = tiny_config.model_copy(update={"router": tiny_config.router.model_copy(update={"stages": ("embeddings",)})})
     router = CascadeRouter(config, encoder_loader=slow_loader, index_wait_s=ENGINE_INDEX_WAIT_S)
     try:
         decision = await asyncio.wait_for(router.route("a quiet street at night"), WAIT)

@@ -19,7 +19,7 @@ from PIL import Image
 from bot.console_app import ConsoleOutlet
 from bot.delivery import MessageRef, Picture, PreviewPicture
 from engine import Config, Engine, JobFinished, JobQueued, JobRequest, JobStarted
-from engine.config import parse_config
+from engine.config import PreviewSettings, parse_config, validate_table
 from engine.core.plan import CostBook, Fit, fit_costs, work_units
 from engine.errors import ConfigError
 from engine.jobs import GenerationParams, JobPreviewed
@@ -30,10 +30,8 @@ from engine.pipelines.previews import (
     SDXL,
     LatentPreviewer,
     Preview,
-    PreviewSettings,
     PreviewThrottle,
     denoised_estimate_blocking,
-    parse_previews_config,
     preview_size,
     projection_blocking,
     latents_to_rgb_blocking,
@@ -203,14 +201,14 @@ def test_the_throttle_waits_for_the_rarer_of_n_steps_and_t_seconds() -> None:
 
 
 def test_previews_config_is_read_and_checked() -> None:
-    assert parse_previews_config({}) == PreviewSettings()
-    assert parse_previews_config({"every_steps": 2, "min_interval_s": 0, "format": "webp"}) == PreviewSettings(
+    assert validate_table(PreviewSettings, {}, "previews.") == PreviewSettings()
+    assert validate_table(PreviewSettings, {"every_steps": 2, "min_interval_s": 0, "format": "webp"}, "previews.") == PreviewSettings(
         every_steps=2, min_interval_s=0.0, format="webp")
     for raw, key in (({"every_step": 2}, "previews.every_step"), ({"format": "png"}, "previews.format"),
                      ({"max_side": 4096}, "previews.max_side"), ({"min_interval_s": -1}, "previews.min_interval_s"),
                      ({"enabled": "yes"}, "previews.enabled")):
         with pytest.raises(ConfigError) as caught:
-            parse_previews_config(raw)
+            validate_table(PreviewSettings, raw, "previews.")
         assert caught.value.key == key
     raw = repo_config_raw()
     raw["previews"] = {"every_steps": 8}
@@ -224,7 +222,7 @@ def test_previews_config_is_read_and_checked() -> None:
 
 
 async def test_previews_arrive_as_job_events_between_the_steps(tiny_config: Config) -> None:
-    config = dataclasses.replace(tiny_config, previews=PreviewSettings(every_steps=2, min_interval_s=0.0))
+    config = tiny_config.model_copy(update={"previews": PreviewSettings(every_steps=2, min_interval_s=0.0)})
     async with Engine(config) as engine:
         handle = await engine.submit(JobRequest("a fox", model="sd3_medium", steps=6, width=64, height=64))
         events = [e async for e in handle.events()]
@@ -236,7 +234,7 @@ async def test_previews_arrive_as_job_events_between_the_steps(tiny_config: Conf
 
 
 async def test_a_rejected_attempts_preview_is_withdrawn_before_the_retry(tiny_config: Config) -> None:
-    config = dataclasses.replace(tiny_config, previews=EVERY_STEP)
+    config = tiny_config.model_copy(update={"previews": EVERY_STEP})
     async with Engine(config, runner_factory=runner_with(FlagsFirstOnly())) as engine:
         handle = await engine.submit(JobRequest("a red fox", model="flux_dev", steps=3, width=64, height=64))
         events = [e async for e in handle.events()]
@@ -246,7 +244,7 @@ async def test_a_rejected_attempts_preview_is_withdrawn_before_the_retry(tiny_co
 
 
 async def test_previews_can_be_switched_off(tiny_config: Config) -> None:
-    config = dataclasses.replace(tiny_config, previews=PreviewSettings(enabled=False, every_steps=1, min_interval_s=0))
+    config = tiny_config.model_copy(update={"previews": PreviewSettings(enabled=False, every_steps=1, min_interval_s=0)})
     async with Engine(config) as engine:
         handle = await engine.submit(JobRequest("a fox", model="flux_dev", steps=4, width=64, height=64))
         assert not [e async for e in handle.events() if isinstance(e, JobPreviewed)]

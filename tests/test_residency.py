@@ -5,22 +5,19 @@ from __future__ import annotations
 
 import inspect
 import threading
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from engine.config import Config, load_config
+from engine.config import Config, ResidencySettings, load_config, validate_table
 from engine.errors import ConfigError, OutOfMemoryError
 from engine.pipelines import LoadedPipeline
 from engine.residency import (
     DECODE_PHASE,
     GiB,
     ResidencyManager,
-    ResidencySettings,
     TorchOps,
-    parse_residency_config,
     weights_nbytes,
 )
 from tests.conftest import REPO
@@ -202,7 +199,7 @@ def test_eviction_takes_what_no_queued_job_needs_before_the_least_recently_used(
     acquire(rm, config, "sd3_medium", needed_soon=("realvis_xl",))  # 28 GiB: fits
     assert set(where(rm)) == {"realvis_xl", "flux_dev", "sd3_medium"}
     gpu.sizes["big"] = 10 * GB
-    big = replace(config.model("flux_dev"), id="big")
+    big = config.model("flux_dev").model_copy(update={"id": "big"})
     rm.acquire_blocking(big, needed_soon=("realvis_xl", "sd3_medium"))
     # flux is the one no queued job needs, although realvis was used longer ago
     assert ("release", "flux_dev") in gpu.moves() and "realvis_xl" in where(rm)
@@ -214,7 +211,7 @@ def test_the_dispatchers_hint_is_used_when_acquire_is_given_none(config: Config)
     acquire(rm, config, "realvis_xl", "flux_dev", "sd3_medium")  # 28 of 30
     rm.set_needed_soon(("realvis_xl", "sd3_medium"))  # e.g. from the loop thread
     gpu.sizes["big"] = 10 * GB
-    rm.acquire_blocking(replace(config.model("flux_dev"), id="big"))
+    rm.acquire_blocking(config.model("flux_dev").model_copy(update={"id": "big"}))
     assert ("release", "flux_dev") in gpu.moves() and "realvis_xl" in where(rm)
 
 
@@ -224,7 +221,7 @@ def test_among_needed_models_the_one_needed_latest_goes_first(config: Config) ->
     acquire(rm, config, "realvis_xl", "flux_dev")  # 19 of 28
     acquire(rm, config, "sd3_medium", needed_soon=("realvis_xl", "flux_dev"))  # 28: fits exactly
     gpu.sizes["big"] = 8 * GB
-    rm.acquire_blocking(replace(config.model("flux_dev"), id="big"), needed_soon=("sd3_medium", "realvis_xl", "flux_dev"))
+    rm.acquire_blocking(config.model("flux_dev").model_copy(update={"id": "big"}), needed_soon=("sd3_medium", "realvis_xl", "flux_dev"))
     assert [e for e in gpu.moves() if e[0] == "release"] == [("release", "flux_dev")]
 
 
@@ -349,7 +346,7 @@ def test_the_ram_copy_of_a_model_on_the_gpu_is_dropped_when_the_tier_needs_room(
     acquire(rm, config, "flux_dev", "realvis_xl", "flux_dev")  # flux parked and back: keeps its 4 in RAM
     acquire(rm, config, "sd3_medium")  # fits beside flux
     assert where(rm) == {"flux_dev": "gpu", "sd3_medium": "gpu"} and rm.status().ram_used_bytes == 4 * GB
-    rm.acquire_blocking(replace(config.model("flux_dev"), id="big"), needed_soon=("flux_dev",))
+    rm.acquire_blocking(config.model("flux_dev").model_copy(update={"id": "big"}), needed_soon=("flux_dev",))
     # sd3 goes (flux is needed soon); parking it needs flux's RAM copy, which is dropped
     assert ("forget", "flux_dev") in gpu.events
     assert where(rm) == {"flux_dev": "gpu", "big": "gpu", "sd3_medium": "cpu-ram"}
@@ -569,21 +566,21 @@ def test_expected_size_of_a_real_tiny_pipeline_matches_what_loads(tiny_config: C
 
 
 def test_residency_config_is_validated() -> None:
-    assert parse_residency_config({}) == ResidencySettings()
-    assert parse_residency_config({"gpu_budget_gb": 20, "cpu_ram_gb": 48.5}) == ResidencySettings(20.0, 3.0, 48.5)
+    assert validate_table(ResidencySettings, {}, "residency.") == ResidencySettings()
+    assert validate_table(ResidencySettings, {"gpu_budget_gb": 20, "cpu_ram_gb": 48.5}, "residency.") == ResidencySettings(gpu_budget_gb=20.0, reserve_gb=3.0, cpu_ram_gb=48.5)
     with pytest.raises(ConfigError, match=r"`residency.reserve_gb` is -1, but it must be at least 0 GiB"):
-        parse_residency_config({"reserve_gb": -1})
+        validate_table(ResidencySettings, {"reserve_gb": -1}, "residency.")
     with pytest.raises(ConfigError, match=r"`residency.cpu_ram_gb` is 'lots'"):
-        parse_residency_config({"cpu_ram_gb": "lots"})
+        validate_table(ResidencySettings, {"cpu_ram_gb": "lots"}, "residency.")
     with pytest.raises(ConfigError, match=r"`residency.ram_gb`.*not a known key"):
-        parse_residency_config({"ram_gb": 3})
+        validate_table(ResidencySettings, {"ram_gb": 3}, "residency.")
 
 
 def test_repo_config_residency_section_parses() -> None:
     import tomllib
 
     raw = tomllib.loads((REPO / "config.toml").read_text(encoding="utf-8"))
-    assert parse_residency_config(raw.get("residency", {})) == ResidencySettings()
+    assert validate_table(ResidencySettings, raw.get("residency", {}), "residency.") == ResidencySettings()
 
 
 # -- once engine/pipelines.py reports the decode phase ------------------------------------------

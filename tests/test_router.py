@@ -7,7 +7,6 @@ opt-in target test at the end, which is skipped when ../shared/eval is absent.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import threading
 from collections.abc import Callable
@@ -16,12 +15,11 @@ from typing import Any
 
 import pytest
 
-from engine.config import Config
+from engine.config import Config, RouterConfig, parse_config, validate_table
 from engine.errors import ConfigError, ModelLoadError
 from engine.executor import GpuExecutor
 from engine.llm import LLMCache
 from engine.router import CascadeRouter, RouteDecision
-from engine.router_config import parse_router_config
 from engine.router_eval import evaluate, read_examples
 from tests.conftest import REPO, repo_config_raw
 
@@ -33,7 +31,7 @@ HELD_OUT = REPO / "bench" / "router_heldout.jsonl"
 def router(config: Config, *, llm: Any = None, run_on_gpu_thread: Any = None, encoder_loader: Any = None,
            **settings: Any) -> CascadeRouter:
     """A router on ``config`` with some [router] settings replaced (stages, thresholds, ...)."""
-    return CascadeRouter(config, dataclasses.replace(config.router, **settings), llm=llm,
+    return CascadeRouter(config, config.router.model_copy(update={**settings}), llm=llm,
                          run_on_gpu_thread=run_on_gpu_thread, encoder_loader=encoder_loader)
 
 
@@ -354,12 +352,12 @@ def test_config_errors_name_the_key(change: Callable[[dict[str, Any]], None], ke
     raw = repo_config_raw()
     change(raw["router"])
     with pytest.raises(ConfigError) as caught:
-        parse_router_config(raw["router"], list(raw["models"]))
+        parse_config(raw, {}, base_dir=REPO)
     assert caught.value.key == key
 
 
 def test_an_absent_router_table_gives_a_working_default() -> None:
-    settings = parse_router_config({}, IDS)
+    settings = validate_table(RouterConfig, {}, "router.")
     assert settings.stages == ("rules", "embeddings", "llm") and settings.rules == () and not settings.examples
 
 

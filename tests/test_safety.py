@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.config import parse_config
+from engine.config import SafetyConfig, check_safety_models, parse_config, validate_table
 from engine.errors import ConfigError
 from engine.jobs import GenerationParams
 from engine.llm import LLMCache
@@ -33,19 +33,16 @@ from engine.safety import (
     PipelineFlagDetector,
     PromptCheck,
     PromptRewriter,
-    SafetyConfig,
     SafetyPolicy,
     UnsafeContentError,
     Verdict,
     check_latents_blocking,
-    check_safety_models,
     guard_vae_decode_blocking,
-    parse_safety_config,
 )
 from tests.conftest import REPO, make_tiny_config, repo_config_raw
 
 MODELS = parse_config(repo_config_raw(), {}, base_dir=REPO).models
-DEFAULTS = parse_safety_config({})
+DEFAULTS = validate_table(SafetyConfig, {}, "safety.")
 
 
 def params(prompt: str = "a red fox in the rain", model_id: str = "realvis_xl", seed: int = 100) -> GenerationParams:
@@ -119,7 +116,7 @@ def chat_cache(chat: Any) -> LLMCache:
 
 
 def make_policy(*detectors: Any, llms: Any = None, **overrides: Any) -> SafetyPolicy:
-    config = dataclasses.replace(DEFAULTS, **overrides)
+    config = DEFAULTS.model_copy(update={**overrides})
     check = PromptCheck(config.blocked_terms, config.drug_terms, config.minor_terms)
     rewriter = PromptRewriter(check, llms=llms, llm_source="rewrite-llm" if llms else "",
                               replacements=config.replacements, blocked_terms=config.blocked_terms)
@@ -538,12 +535,12 @@ def test_the_decode_guard_raises_on_nan_pixels(tiny_models: Any, tmp_path: Path)
 
 
 def test_safety_config_defaults_and_overrides() -> None:
-    assert parse_safety_config(None) == parse_safety_config({}) == SafetyConfig()
-    config = parse_safety_config({
+    assert validate_table(SafetyConfig, None, "safety.") == validate_table(SafetyConfig, {}, "safety.") == SafetyConfig()
+    config = validate_table(SafetyConfig, {
         "max_attempts": 4, "nsfw_allowed_channels": ["slack:C0123"], "black": {"dark_level": 4},
         "nudenet": {"thresholds": {"BUTTOCKS_EXPOSED": 0.7}}, "prompt": {"blocked_terms": ["Gore", "porn*"]},
         "rewrite": {"use_llm": False},
-    })
+    }, "safety.")
     assert (config.max_attempts, config.dark_level, config.use_llm) == (4, 4, False)
     assert dict(config.nudenet_thresholds) == {"BUTTOCKS_EXPOSED": 0.7} and config.blocked_terms == ("gore", "porn*")
     assert config.allows_nsfw("slack", "C0123") and not config.allows_nsfw("slack", "C999")
@@ -561,7 +558,7 @@ def test_safety_config_defaults_and_overrides() -> None:
 ])
 def test_safety_config_errors_name_key_value_and_rule(raw: dict[str, Any], key: str, rule: str) -> None:
     with pytest.raises(ConfigError) as error:
-        parse_safety_config(raw)
+        validate_table(SafetyConfig, raw, "safety.")
     assert error.value.key == key and rule in error.value.rule
 
 
@@ -569,9 +566,9 @@ def test_fallback_model_is_checked_against_the_models() -> None:
     families = {m.id: m.family for m in MODELS.values()}
     check_safety_models(DEFAULTS, families)
     with pytest.raises(ConfigError, match="safety.fallback_model"):
-        check_safety_models(dataclasses.replace(DEFAULTS, fallback_model="sdxl_turbo"), families)
+        check_safety_models(DEFAULTS.model_copy(update={"fallback_model": "sdxl_turbo"}), families)
     with pytest.raises(ConfigError, match="fall back to itself"):
-        check_safety_models(dataclasses.replace(DEFAULTS, fallback_model="logo_sdxl"), families)
+        check_safety_models(DEFAULTS.model_copy(update={"fallback_model": "logo_sdxl"}), families)
 
 
 # -- helpers -----------------------------------------------------------------------------------------

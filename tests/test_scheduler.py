@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 
+from engine.config import SchedulerSettings, validate_table
 from engine.errors import ConfigError, QueueFullError
 from engine.scheduler import (
     AffinityScheduler,
     FifoScheduler,
     QueuedJob,
     RoundRobin,
-    SchedulerSettings,
     TimingBook,
     UserQueueFullError,
     apply_pick,
@@ -27,7 +27,6 @@ from engine.scheduler import (
     fair_order,
     make_scheduler,
     needed_soon,
-    parse_scheduler_config,
     plan,
 )
 
@@ -267,40 +266,29 @@ def test_timing_book_blends_and_falls_back_to_the_mean() -> None:
 
 
 def test_scheduler_config_is_validated() -> None:
-    assert parse_scheduler_config({}) == SchedulerSettings()
-    assert parse_scheduler_config({"policy": "fifo", "max_passed_over": 0}).max_passed_over == 0
+    assert validate_table(SchedulerSettings, {}, "scheduler.") == SchedulerSettings()
+    assert validate_table(SchedulerSettings, {"policy": "fifo", "max_passed_over": 0}, "scheduler.").max_passed_over == 0
     with pytest.raises(ConfigError, match=r"`scheduler.policy` is 'random', but it must be one of 'affinity', 'fifo'"):
-        parse_scheduler_config({"policy": "random"})
+        validate_table(SchedulerSettings, {"policy": "random"}, "scheduler.")
     with pytest.raises(ConfigError, match=r"`scheduler.max_queued_per_user` is 0, but it must be at least 1"):
-        parse_scheduler_config({"max_queued_per_user": 0})
+        validate_table(SchedulerSettings, {"max_queued_per_user": 0}, "scheduler.")
     with pytest.raises(ConfigError, match=r"`scheduler.max_extra_wait_s` is -5"):
-        parse_scheduler_config({"max_extra_wait_s": -5})
+        validate_table(SchedulerSettings, {"max_extra_wait_s": -5}, "scheduler.")
     with pytest.raises(ConfigError, match=r"`scheduler.max_passed_over` is 2.5, but it must be a whole number"):
-        parse_scheduler_config({"max_passed_over": 2.5})
+        validate_table(SchedulerSettings, {"max_passed_over": 2.5}, "scheduler.")
     with pytest.raises(ConfigError, match=r"`scheduler.k`.*not a known key"):
-        parse_scheduler_config({"k": 3})
+        validate_table(SchedulerSettings, {"k": 3}, "scheduler.")
 
 
-# -- end to end on the real engine with tiny models (once engine/core.py uses the scheduler) ----
-
-
-def _engine_integrated() -> bool:
-    from engine.config import Config
-    from engine.core import Engine
-
-    return "scheduler" in {f.name for f in dataclasses.fields(Config)} and hasattr(Engine, "pin")
-
-
-needs_engine = pytest.mark.skipif(not _engine_integrated(),
-                                  reason="needs the engine/core.py + engine/config.py integration of the scheduler issue")
+# -- end to end on the real engine with tiny models ------------------------------------------------
 
 
 def tiny(tiny_models: Any, tmp_path: Path, **scheduler: Any) -> Any:
     from tests.conftest import make_tiny_config
 
     config = make_tiny_config(tiny_models, tmp_path / "data")
-    return dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler, **scheduler),
-                               residency=dataclasses.replace(config.residency, gpu_budget_gb=1e-6))  # one model at a time
+    return config.model_copy(update={"scheduler": config.scheduler.model_copy(update={**scheduler}),
+        "residency": config.residency.model_copy(update={"gpu_budget_gb": 1e-6})})  # one model at a time
 
 
 class GatedEngine:
@@ -366,7 +354,6 @@ async def run_mixed_queue(config: Any) -> tuple[list[str], list[str], int]:
     return started, planned, sum(1 for r in results if r.timings.load_s > 0)
 
 
-@needs_engine
 async def test_the_engine_runs_a_mixed_queue_by_affinity_with_fewer_loads(tiny_models: Any, tmp_path: Path) -> None:
     affinity, planned, affinity_loads = await run_mixed_queue(tiny(tiny_models, tmp_path / "a"))
     fifo, _, fifo_loads = await run_mixed_queue(tiny(tiny_models, tmp_path / "f", policy="fifo"))
@@ -375,7 +362,6 @@ async def test_the_engine_runs_a_mixed_queue_by_affinity_with_fewer_loads(tiny_m
     assert (affinity_loads, fifo_loads) == (2, 5)
 
 
-@needs_engine
 async def test_the_engine_refuses_past_the_per_user_cap_and_shows_etas(tiny_models: Any, tmp_path: Path) -> None:
     gated = GatedEngine(tiny(tiny_models, tmp_path, max_queued_per_user=2))
     async with gated.engine as engine:
@@ -392,10 +378,9 @@ async def test_the_engine_refuses_past_the_per_user_cap_and_shows_etas(tiny_mode
         assert all([(await h.result()).png for h in (busy, *waiting, other)])
 
 
-@needs_engine
 async def test_preload_pin_and_unload_while_jobs_are_queued(tiny_models: Any, tmp_path: Path) -> None:
     config = tiny(tiny_models, tmp_path)
-    gated = GatedEngine(dataclasses.replace(config, residency=dataclasses.replace(config.residency, gpu_budget_gb=0)))
+    gated = GatedEngine(config.model_copy(update={"residency": config.residency.model_copy(update={"gpu_budget_gb": 0})}))
     async with gated.engine as engine:
         busy = await gated.started(ask("flux_dev"))
         queued = [await engine.submit(ask(m)) for m in ("sd3_medium", "flux_dev")]

@@ -81,8 +81,7 @@ async def fake() -> AsyncIterator[FakeSlack]:
 @pytest.fixture
 def config(tiny_models: Any, tmp_path: Path) -> Config:
     config = make_tiny_config(tiny_models, tmp_path / "data")
-    return dataclasses.replace(config, safety=dataclasses.replace(
-        config.safety, nsfw_allowed_channels=(f"slack:{ADULT_CHANNEL}",)))
+    return config.model_copy(update={"safety": config.safety.model_copy(update={"nsfw_allowed_channels": (f"slack:{ADULT_CHANNEL}",)})})
 
 
 def slack_settings(fake: FakeSlack, mode: str = "socket", **overrides: Any) -> SlackSettings:
@@ -497,7 +496,7 @@ def test_the_manifest_asks_for_exactly_the_scopes_events_and_commands_the_bot_us
     ({"mode": "webhook"}, {}, "slack.mode", "\"socket\""),
     ({"bot_token": "xoxb-secret"}, {}, "slack.bot_token", "SLACK_BOT_TOKEN environment variable"),
     ({"admin_user_ids": ["alice"]}, {}, "slack.admin_user_ids", "Slack user id"),
-    ({"http_port": 70000}, {}, "slack.http_port", "from 0 to 65535"),
+    ({"http_port": 70000}, {}, "slack.http_port", "within 0..65535"),
     ({"http_path": "events"}, {}, "slack.http_path", "starting with /"),
     ({"imagine_command": "imagine"}, {}, "slack.imagine_command", "a slash"),
     ({"emoji_names": {"🦊": "Fox Face"}}, {}, "slack.emoji_names.🦊", "Slack emoji name"),
@@ -521,7 +520,7 @@ def test_slack_settings_from_the_environment_and_the_shipped_config(config: Conf
     assert shipped.slack.mode == "socket" and shipped.platforms_with_tokens == ["discord", "slack"]
     with pytest.raises(ConfigError, match="has none here"):  # a model emoji Slack has no name for
         parse_slack_settings({"emoji_names": {}}, {"SLACK_BOT_TOKEN": "xoxb-1", "SLACK_APP_TOKEN": "xapp-1"},
-                             dataclasses.replace(shipped.bot, regenerate_emoji="🫠"), config)
+                             shipped.bot.model_copy(update={"regenerate_emoji": "🫠"}), config)
 
 
 def test_text_is_escaped_for_slack_except_our_own_mention() -> None:
@@ -537,9 +536,9 @@ async def test_a_refused_slack_token_stops_run_with_a_sentence_and_no_token_show
         fake: FakeSlack, config: Config, capsys: pytest.CaptureFixture[str]) -> None:
     settings = settings_for(fake)
     for variable in ("SLACK_BOT_TOKEN", "SLACK_APP_TOKEN"):
-        slack = (dataclasses.replace(settings.slack, bot_token="xoxb-wrong") if variable == "SLACK_BOT_TOKEN"
-                 else dataclasses.replace(settings.slack, app_token="xapp-wrong"))
-        code = await asyncio.wait_for(serve(config, dataclasses.replace(settings, slack=slack)), 60)
+        slack = (settings.slack.model_copy(update={"bot_token": "xoxb-wrong"}) if variable == "SLACK_BOT_TOKEN"
+                 else settings.slack.model_copy(update={"app_token": "xapp-wrong"}))
+        code = await asyncio.wait_for(serve(config, settings.model_copy(update={"slack": slack})), 60)
         err = capsys.readouterr().err
         assert code == 1 and f"Slack refused {variable} (invalid_auth)" in err, err
         assert "wrong" not in err and "Traceback" not in err
@@ -547,7 +546,7 @@ async def test_a_refused_slack_token_stops_run_with_a_sentence_and_no_token_show
 
 
 def test_platform_apps_builds_one_app_per_platform_with_a_token(fake: FakeSlack, config: Config) -> None:
-    settings = dataclasses.replace(settings_for(fake), discord=DiscordSettings(token="d"))
+    settings = settings_for(fake).model_copy(update={"discord": DiscordSettings(token="d")})
     core = build_core(config, settings, admin_policies(settings))
     assert [app.platform for app in platform_apps(core, settings)] == ["discord", "slack"]
     assert admin_policies(settings)["slack"].user_ids == frozenset({ADMIN})

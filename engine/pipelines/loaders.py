@@ -13,13 +13,11 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from engine.config import ModelSpec
 from engine.pipelines.errors import translate_error
 from engine.safety.prevention import guard_vae_decode_blocking
-
-if TYPE_CHECKING:  # only while engine/config.py imports engine.pipelines.previews (the config step ends that)
-    from engine.config import ModelSpec
 
 log = logging.getLogger(__name__)
 

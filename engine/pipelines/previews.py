@@ -21,62 +21,16 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from engine.errors import ConfigError
+from engine.config import PreviewSettings
 
 log = logging.getLogger(__name__)
 
 FORMATS = {"jpeg": ("JPEG", "image/jpeg", "jpg"), "webp": ("WEBP", "image/webp", "webp")}
-
-
-# -- settings: the [previews] table ------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class PreviewSettings:
-    """A preview goes out when at least ``every_steps`` steps *and* ``min_interval_s`` seconds
-    have passed since the last one (so the rarer of the two rules)."""
-
-    enabled: bool = True
-    every_steps: int = 4
-    min_interval_s: float = 2.0
-    max_side: int = 256  # pixels on the long side
-    format: str = "jpeg"  # "jpeg" or "webp"
-    quality: int = 70
-
-
-def parse_previews_config(raw: Mapping[str, Any]) -> PreviewSettings:
-    """The ``[previews]`` table; every broken rule is a ConfigError naming key and value."""
-    d = PreviewSettings()
-    known = set(PreviewSettings.__dataclass_fields__)
-    for key in raw:
-        if key not in known:
-            raise ConfigError(f"previews.{key}", raw[key], f"it is not a known key here (known: {', '.join(sorted(known))})")
-    enabled = raw.get("enabled", d.enabled)
-    if not isinstance(enabled, bool):
-        raise ConfigError("previews.enabled", enabled, "it must be true or false")
-    every = _whole(raw, "every_steps", d.every_steps, 1, 1000)
-    interval = raw.get("min_interval_s", d.min_interval_s)
-    if isinstance(interval, bool) or not isinstance(interval, int | float) or not math.isfinite(interval) or interval < 0:
-        raise ConfigError("previews.min_interval_s", interval, "it must be a number of seconds, at least 0")
-    max_side = _whole(raw, "max_side", d.max_side, 16, 1024)
-    fmt = raw.get("format", d.format)
-    if fmt not in FORMATS:
-        raise ConfigError("previews.format", fmt, f"it must be one of {', '.join(repr(f) for f in FORMATS)}")
-    quality = _whole(raw, "quality", d.quality, 1, 100)
-    return PreviewSettings(enabled, every, float(interval), max_side, str(fmt), quality)
-
-
-def _whole(raw: Mapping[str, Any], key: str, default: int, low: int, high: int) -> int:
-    value = raw.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(f"previews.{key}", value, f"it must be a whole number from {low} to {high}")
-    return value
 
 
 # -- the published factors ---------------------------------------------------------------------

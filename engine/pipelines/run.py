@@ -15,7 +15,8 @@ from engine.errors import JobCancelledError
 from engine.jobs import GenerationParams
 from engine.pipelines.errors import translate_error
 from engine.pipelines.loaders import LoadedPipeline
-from engine.pipelines.previews import LatentPreviewer, Preview, PreviewSettings
+from engine.config import PreviewSettings
+from engine.pipelines.previews import LatentPreviewer, Preview
 from engine.safety.prevention import check_latents_blocking
 
 StepCallback = Callable[[int, int], None]  # (step 1-based, total)

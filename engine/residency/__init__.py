@@ -37,13 +37,11 @@ from engine.residency.model import (
     OFFLOADED,
     DeviceOps,
     GiB,
-    ResidencySettings,
     ResidencyStatus,
     ResidentModel,
-    parse_residency_config,
 )
 
 __all__ = [
-    "DECODE_PHASE", "LOAD_PHASE", "OFFLOADED", "DeviceOps", "GiB", "ResidencyManager", "ResidencySettings",
-    "ResidencyStatus", "ResidentModel", "TorchOps", "parse_residency_config", "weights_nbytes",
+    "DECODE_PHASE", "LOAD_PHASE", "OFFLOADED", "DeviceOps", "GiB", "ResidencyManager",
+    "ResidencyStatus", "ResidentModel", "TorchOps", "weights_nbytes",
 ]

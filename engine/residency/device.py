@@ -10,10 +10,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engine.config import ModelSpec
 from engine.residency.model import LOAD_PHASE, OFFLOADED
 
 if TYPE_CHECKING:
-    from engine.config import ModelSpec
     from engine.pipelines import LoadedPipeline
 
 log = logging.getLogger(__name__)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from engine.config import ModelSpec, ResidencySettings
 from engine.errors import OutOfMemoryError
 from engine.residency.device import TorchOps
 from engine.residency.model import (
@@ -17,13 +18,11 @@ from engine.residency.model import (
     OFFLOADED,
     GiB,
     DeviceOps,
-    ResidencySettings,
     ResidencyStatus,
     ResidentModel,
 )
 
 if TYPE_CHECKING:
-    from engine.config import ModelSpec
     from engine.pipelines import LoadedPipeline
 
 log = logging.getLogger(__name__)

@@ -1,29 +1,19 @@
-"""The residency manager's plain data: settings, status rows, the ``DeviceOps`` seam, config."""
+"""The residency manager's plain data: status rows and the ``DeviceOps`` seam."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from engine.errors import ConfigError
+from engine.config import ModelSpec
 
 if TYPE_CHECKING:
-    from engine.config import ModelSpec
     from engine.pipelines import LoadedPipeline
 
 GiB = 2**30
 OFFLOADED = ("model-offload", "sequential-offload")
 LOAD_PHASE = "loading"  # OutOfMemoryError.phase values (engine.pipelines sets them)
 DECODE_PHASE = "decoding with"
-
-
-@dataclass(frozen=True, slots=True)
-class ResidencySettings:
-    gpu_budget_gb: float = 0.0  # 0: free GPU memory minus reserve_gb
-    reserve_gb: float = 3.0  # kept free for activations and the VAE decode
-    cpu_ram_gb: float = 0.0  # RAM tier for evicted pipelines; 0: off (evicted = released)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,24 +61,3 @@ class DeviceOps(Protocol):
     def clear_cache(self) -> None: ...
     def expected_bytes(self, spec: ModelSpec, dtype: Any) -> int | None: ...
     def device_bytes(self, loaded: LoadedPipeline, measured: int | None) -> int: ...
-
-
-# -- configuration ---------------------------------------------------------------------------
-
-
-def parse_residency_config(raw: Mapping[str, Any]) -> ResidencySettings:
-    """The ``[residency]`` table; every broken rule is a ConfigError naming key and value."""
-    known = {"gpu_budget_gb", "reserve_gb", "cpu_ram_gb"}
-    for key in raw:
-        if key not in known:
-            raise ConfigError(f"residency.{key}", raw[key], f"it is not a known key here (known: {', '.join(sorted(known))})")
-    d = ResidencySettings()
-    values = {}
-    for key in sorted(known):
-        value = raw.get(key, getattr(d, key))
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ConfigError(f"residency.{key}", value, "it must be a number of GiB")
-        if value < 0:
-            raise ConfigError(f"residency.{key}", value, "it must be at least 0 GiB")
-        values[key] = float(value)
-    return ResidencySettings(**values)

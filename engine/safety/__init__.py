@@ -1,6 +1,5 @@
 """The safety loop: detectors, prompt rewriting and the retry/fallback/refuse policy.
 
-    config.py       SafetyConfig and parse_safety_config: the [safety] table of config.toml
     detectors.py    Verdict, the Detector protocol, black/NaN, NudeNet, the pipeline's own flag,
                     and the prompt check (term lists, word-boundary aware; room for a classifier)
     rewrite.py      PromptRewriter: the shared chat LLM, validated, else a deterministic sanitiser
@@ -8,10 +7,10 @@
     policy.py       SafetyPolicy.run_blocking: generate -> check -> post / rewrite / fall back / refuse
     errors.py       ImageRefusedError (UnsafeContentError, BlankImageError) and NonFiniteError
 
+SafetyConfig (the [safety] table) lives in engine.config with every other settings class.
 Importing this package loads neither torch nor NudeNet; both are loaded on the GPU thread.
 """
 
-from engine.safety.config import SafetyConfig, check_safety_models, parse_safety_config
 from engine.safety.detectors import (
     BlackImageDetector,
     Detector,
@@ -29,6 +28,6 @@ from engine.safety.rewrite import PromptRewriter, Rewrite
 __all__ = [
     "Attempt", "BlackImageDetector", "BlankImageError", "Detector", "Generated", "ImageRefusedError",
     "NonFiniteError", "NudeNetDetector", "PipelineFlagDetector", "PromptCheck", "PromptFinding", "PromptRewriter",
-    "Rewrite", "SafetyConfig", "SafetyOutcome", "SafetyPolicy", "UnsafeContentError", "Verdict",
-    "check_latents_blocking", "check_safety_models", "guard_vae_decode_blocking", "parse_safety_config",
+    "Rewrite", "SafetyOutcome", "SafetyPolicy", "UnsafeContentError", "Verdict",
+    "check_latents_blocking", "guard_vae_decode_blocking",
 ]

@@ -15,10 +15,10 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from engine.config import ModelSpec, SafetyConfig
 from engine.jobs import GenerationParams
-from engine.safety.config import SafetyConfig
 from engine.safety.detectors import (
     BlackImageDetector,
     Detector,
@@ -32,9 +32,6 @@ from engine.safety.detectors import (
 )
 from engine.safety.errors import BlankImageError, ImageRefusedError, NonFiniteError, UnsafeContentError
 from engine.safety.rewrite import ChatModels, PromptRewriter
-
-if TYPE_CHECKING:
-    from engine.config import ModelSpec
 
 log = logging.getLogger(__name__)
 
