@@ -20,9 +20,8 @@ from engine.config import Config
 from engine.errors import ConfigError, ModelLoadError
 from engine.executor import GpuExecutor
 from engine.llm import LLMCache
-from engine.router import CascadeRouter, RouteDecision
+from engine.router import CascadeRouter, RouteDecision, evaluate, read_examples
 from engine.router_config import parse_router_config
-from engine.router_eval import evaluate, read_examples
 from tests.conftest import REPO, repo_config_raw
 
 IDS = ("flux_dev", "realvis_xl", "sd3_medium", "logo_sdxl")
@@ -311,7 +310,7 @@ async def test_routing_never_blocks_the_event_loop(tiny_config: Config) -> None:
     assert decision.stage == "embeddings"
     assert stub.loop_answered and all(stub.loop_answered)
 
-    from engine.embeddings import load_shared_encoder_blocking
+    from engine.router import load_shared_encoder_blocking
 
     cache = LLMCache("cpu", None)
     watched: list[LoopWatch] = []

@@ -37,18 +37,18 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from engine.config import Config
-from engine.embeddings import (
+from engine.errors import ModelLoadError
+from engine.llm import ChatLLM, LLMCache
+from engine.router.embeddings import (
     EmbeddingUnavailable,
     ExampleIndex,
     SentenceEncoder,
     load_shared_encoder_blocking,
     shared_index_blocking,
 )
-from engine.errors import ModelLoadError
-from engine.llm import ChatLLM, LLMCache
+from engine.router.llm_stage import score_blocking, system_prompt
+from engine.router.rules import RuleBook
 from engine.router_config import RouterConfig
-from engine.router_llm import choose_blocking, system_prompt
-from engine.router_rules import RuleBook
 from engine.router_threads import Worker, limit_torch_threads
 
 log = logging.getLogger(__name__)
@@ -76,16 +76,6 @@ class Router(Protocol):
     async def route(self, prompt: str, *, resident: frozenset[str] = frozenset()) -> RouteDecision: ...
 
 
-class DefaultRouter:
-    """Always the configured default model (the last resort of every cascade)."""
-
-    def __init__(self, config: Config) -> None:
-        self._config = config
-
-    async def route(self, prompt: str, *, resident: frozenset[str] = frozenset()) -> RouteDecision:
-        return default_decision(self._config)
-
-
 def default_decision(config: Config, timings_ms: Mapping[str, float] | None = None) -> RouteDecision:
     model = config.model(config.default_model)
     return RouteDecision(model.id, "the default model", 0.0, "default", timings_ms=dict(timings_ms or {}))
@@ -108,6 +98,7 @@ class _Answer:
 
 
 def softmax(scores: Mapping[str, float], temperature: float = 1.0) -> dict[str, float]:
+    """Scores (similarities, log-probabilities) -> probabilities per model that sum to 1."""
     top = max(scores.values())
     weights = {m: math.exp((s - top) / temperature) for m, s in scores.items()}
     total = sum(weights.values())
@@ -290,10 +281,10 @@ class CascadeRouter:
         def work() -> dict[str, float] | None:  # on the GPU thread
             if abandoned.is_set():  # the router gave up waiting: do not spend GPU time on it
                 return None
-            return choose_blocking(self._router_llm_blocking(), self._system, prompt, self._model_ids)
+            return score_blocking(self._router_llm_blocking(), self._system, prompt, self._model_ids)
 
         try:
-            probs = await asyncio.wait_for(self._on_llm_thread(work), self.settings.llm_timeout_s)
+            log_probs = await asyncio.wait_for(self._on_llm_thread(work), self.settings.llm_timeout_s)
         except TimeoutError:
             abandoned.set()
             log.info("router: the LLM stage took over %.1f s (GPU busy or loading); skipped", self.settings.llm_timeout_s)
@@ -301,8 +292,9 @@ class CascadeRouter:
         except ModelLoadError as exc:
             self._switch_llm_off(exc)
             return None
-        if probs is None:
+        if log_probs is None:
             return None
+        probs = softmax(log_probs)  # each id's share of the probability the LLM gives the set
         best = max(probs, key=probs.__getitem__)
         sure = probs[best] >= self.settings.llm_min_confidence
         return _Answer(best, probs[best], "the router LLM's choice", "llm", sure, probs)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import ConfigError
-from engine.router import RouteDecision, Router
+from engine.router.cascade import RouteDecision, Router
 
 
 @dataclass(frozen=True, slots=True)
