@@ -34,11 +34,11 @@ async def main() -> None:
     import torch
 
     from engine.config import load_config, with_tiny_models
-    from engine.executor import GpuExecutor
     from engine.llm import ChatLLM, LLMCache
     from engine.router import CascadeRouter
     from engine.router_config import RouterConfig
     from engine.tiny import ensure_tiny_models
+    from engine.workers import WorkerThread
 
     on_cuda = (sys.argv[1:] or ["cuda"])[0] != "cpu"
     if on_cuda:
@@ -58,7 +58,7 @@ async def main() -> None:
     check("generation stops at its timeout", time.perf_counter() - started < 3.0, f"{time.perf_counter() - started:.2f} s")
     llm.release_blocking()
 
-    executor = GpuExecutor()
+    executor = WorkerThread("promptpics-gpu")
     executor.start()
     cache = LLMCache(device, dtype)
     settings = RouterConfig(stages=("llm",), llm_min_confidence=0.0)

@@ -1,7 +1,7 @@
 """Engine: submit, cancel, status and events; owns the queue, the GPU thread and its runner.
 
 Everything here runs on the asyncio loop and never waits on torch: torch work is handed to
-the ``GpuExecutor`` and awaited as a future; progress comes back with ``call_soon_threadsafe``.
+the GPU thread (a ``WorkerThread``) and awaited as a future; progress comes back with ``call_soon_threadsafe``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from engine.config import Config
 from engine.datalock import DataFolderLock
 from engine.errors import EngineClosedError, EngineError, JobCancelledError
 from engine.eta import CostBook
-from engine.executor import GpuExecutor, JobRunner, RunOutput, default_runner_blocking
+from engine.executor import JobRunner, RunOutput, default_runner_blocking
 from engine.history import HistoryStore, StorageError, StoredJob
 from engine.jobs import (
     FINAL_EVENTS,
@@ -52,6 +52,7 @@ from engine.residency import ResidencyStatus, ResidentModel
 from engine.router import Router, build_router, explicit_choice
 from engine.safety import Attempt
 from engine.scheduler import Planned, QueuedJob, RoundRobin, make_scheduler, needed_soon, plan
+from engine.workers import WorkerThread
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ class Engine:
         self._router = router or build_router(
             config, run_on_gpu_thread=lambda fn, *args: self._executor.submit(fn, *args), llm=self._router_llm_blocking)
         self._runner_factory = runner_factory or default_runner_blocking
-        self._executor = GpuExecutor()
+        self._executor = WorkerThread("promptpics-gpu")
         self._scheduler = make_scheduler(config.scheduler)
         self._round_robin = RoundRobin()
         self._timings = CostBook()  # the scheduler's per-model timings and the per-job ETA costs

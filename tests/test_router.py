@@ -18,10 +18,10 @@ import pytest
 
 from engine.config import Config
 from engine.errors import ConfigError, ModelLoadError
-from engine.executor import GpuExecutor
 from engine.llm import LLMCache
 from engine.router import CascadeRouter, RouteDecision, evaluate, read_examples
 from engine.router_config import parse_router_config
+from engine.workers import WorkerThread
 from tests.conftest import REPO, repo_config_raw
 
 IDS = ("flux_dev", "realvis_xl", "sd3_medium", "logo_sdxl")
@@ -180,7 +180,7 @@ async def test_a_missing_embedding_model_falls_back_with_one_warning(tiny_config
 
 
 async def test_the_tiny_llm_runs_on_the_gpu_thread_and_answers_a_configured_id(tiny_config: Config) -> None:
-    executor = GpuExecutor()
+    executor = WorkerThread("promptpics-gpu")
     executor.start()
     cache = LLMCache("cpu", None)
     threads: list[str] = []
@@ -207,7 +207,7 @@ async def test_the_tiny_llm_runs_on_the_gpu_thread_and_answers_a_configured_id(t
 
 
 async def test_a_busy_gpu_thread_times_the_llm_out_and_the_work_is_dropped(tiny_config: Config) -> None:
-    executor = GpuExecutor()
+    executor = WorkerThread("promptpics-gpu")
     executor.start()
     calls: list[str] = []
     scripted = ScriptedLLM({"sd3_medium": -0.1})

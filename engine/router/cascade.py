@@ -13,14 +13,14 @@ and the LLM only ever scores the configured ids. See docs/ROUTER.md for the meas
 
 Threads, and why (rule 1 of DESIGN.md: the loop never waits on torch):
 - The embedding model is small (22M parameters) and runs on the CPU in a thread of its own
-  (``router_threads.Worker``, one torch intra-op thread). Routing happens at submit time and
-  must answer at once, while the GPU thread may be busy with a generation for a minute; a CPU
-  encoder costs a few ms and never competes for GPU memory. It is a CPU-only torch object
-  owned by exactly one thread, never moved to CUDA.
+  (an ``engine.workers.WorkerThread``, one torch intra-op thread). Routing happens at submit
+  time and must answer at once, while the GPU thread may be busy with a generation for a
+  minute; a CPU encoder costs a few ms and never competes for GPU memory. It is a CPU-only
+  torch object owned by exactly one thread, never moved to CUDA.
 - The LLM (1.5B parameters) is too slow on the CPU (seconds) and so runs on the GPU thread via
-  the injected ``run_on_gpu_thread`` (``GpuExecutor.submit``): it is queued behind the job
-  that is running and runs before the next one starts, so it never shares the GPU with a
-  generation. Its timeout counts the wait: when the GPU is busy for longer, the stage is
+  the injected ``run_on_gpu_thread`` (the GPU thread's ``WorkerThread.submit``): it is queued
+  behind the job that is running and runs before the next one starts, so it never shares the GPU with a
+generation. Its timeout counts the wait: when the GPU is busy for longer, the stage is
   skipped and the work item is marked abandoned, so the GPU thread drops it unrun.
 """
 
@@ -43,13 +43,14 @@ from engine.router.embeddings import (
     EmbeddingUnavailable,
     ExampleIndex,
     SentenceEncoder,
+    limit_torch_threads,
     load_shared_encoder_blocking,
     shared_index_blocking,
 )
 from engine.router.llm_stage import score_blocking, system_prompt
 from engine.router.rules import RuleBook
 from engine.router_config import RouterConfig
-from engine.router_threads import Worker, limit_torch_threads
+from engine.workers import WorkerThread
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ EncoderLoader = Callable[[str, int, str], SentenceEncoder]  # (source, max_token
 # Cosine similarities of MiniLM sit in a narrow band (0.2..0.8): dividing by this before the
 # softmax turns a 0.05 lead into about e to one, which reads as a probability.
 EMBEDDING_TEMPERATURE = 0.05
+# How long closing waits for a thread's call in progress (an embedding, a load) to finish.
+WORKER_STOP_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,14 +133,15 @@ class CascadeRouter:
         # embeddings: CPU, one thread of their own
         self._encoder_loader = encoder_loader or load_shared_encoder_blocking
         threads = self.settings.embedding_threads
-        self._embed_thread = Worker("promptpics-embed", on_start=(lambda: limit_torch_threads(threads)) if threads else None)
+        self._embed_thread = WorkerThread("promptpics-embed",
+                                          on_start=(lambda: limit_torch_threads(threads)) if threads else None)
         self._index: ExampleIndex | None = None
         self._index_task: asyncio.Future[ExampleIndex] | None = None
         self._embeddings_off: str | None = None  # why the stage is off, once warned
         # LLM: the GPU thread when injected; else a thread (and an LLM cache) of our own
         self._run_on_gpu = run_on_gpu_thread
         self._llm_provider = llm
-        self._llm_thread: Worker | None = None  # only when no GPU thread is injected
+        self._llm_thread: WorkerThread | None = None  # only when no GPU thread is injected
         self._own_llms: LLMCache | None = None
         self._llm_off: str | None = None
 
@@ -313,7 +317,7 @@ class CascadeRouter:
         if self._run_on_gpu is not None:
             return self._run_on_gpu(fn, *args)
         if self._llm_thread is None:  # stand-alone (CLI, bench): a thread of our own plays the GPU thread
-            self._llm_thread = Worker("promptpics-router-llm")
+            self._llm_thread = WorkerThread("promptpics-router-llm")
         return self._llm_thread.submit(fn, *args)
 
     def _switch_llm_off(self, exc: BaseException) -> None:
@@ -350,7 +354,7 @@ class CascadeRouter:
             self._llm_thread.submit(self._own_llms.release_all_blocking)
         for worker in (self._embed_thread, self._llm_thread):
             if worker is not None:
-                await worker.stop()
+                await worker.stop(timeout_s=WORKER_STOP_TIMEOUT_S)
 
 
 ENGINE_INDEX_WAIT_S = 0.25  # the most a submit waits for the embedding model to finish loading

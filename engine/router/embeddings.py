@@ -82,6 +82,24 @@ def _pooling_mode(folder: str) -> str:
     return "mean"
 
 
+def limit_torch_threads(count: int) -> None:
+    """Give the calling thread ``count`` torch intra-op threads and leave every other thread's alone.
+
+    Why: a MiniLM call is a few small matmuls. With two OpenMP threads on a 2-core machine that
+    is also running the GPU thread and the loop, the threads wait on each other and a 10 ms
+    call becomes 100-700 ms (measured, docs/ROUTER.md); one thread does not wait on anyone.
+    ``torch.set_num_threads`` sets this thread's OpenMP/MKL setting and torch's default for
+    threads started later; a helper thread puts that default back, which leaves this one as set.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    restore = threading.Thread(target=torch.set_num_threads, args=(previous,), name="promptpics-threads-restore")
+    restore.start()
+    restore.join()
+
+
 class SentenceEncoder:
     """An embedding model on the CPU; ``encode_blocking`` runs on the router's embedding thread."""
 
