@@ -26,9 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from engine.config import load_config, with_tiny_models  # noqa: E402
-from engine.router import CascadeRouter  # noqa: E402
-from engine.router_eval import evaluate, format_report, percentile, read_examples  # noqa: E402
-from engine.router_rules import RuleBook  # noqa: E402
+from engine.router import CascadeRouter, RuleBook, evaluate, format_report, percentile, read_examples  # noqa: E402
 
 DEV_SET = REPO.parent / "shared" / "eval" / "routing_dev.jsonl"
 

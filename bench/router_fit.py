@@ -25,9 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from engine.config import load_config  # noqa: E402
-from engine.embeddings import ExampleIndex, SentenceEncoder, fit_thresholds  # noqa: E402
-from engine.router_eval import read_examples  # noqa: E402
-from engine.router_rules import RuleBook  # noqa: E402
+from engine.router import ExampleIndex, RuleBook, SentenceEncoder, fit_thresholds, read_examples  # noqa: E402
 
 
 def main() -> int:

@@ -12,6 +12,7 @@ check and exits non-zero on the first failure.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import sys
@@ -29,17 +30,17 @@ def check(name: str, ok: bool, detail: str = "") -> None:
         sys.exit(1)
 
 
-async def main() -> None:
+async def main(device: str) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
     from engine.config import RouterConfig, load_config, with_tiny_models
-    from engine.executor import GpuExecutor
     from engine.llm import ChatLLM, LLMCache
     from engine.router import CascadeRouter
     from engine.tiny import ensure_tiny_models
+    from engine.workers import WorkerThread
 
-    on_cuda = (sys.argv[1:] or ["cuda"])[0] != "cpu"
+    on_cuda = device != "cpu"
     if on_cuda:
         check("cuda available", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
     tiny = ensure_tiny_models(Path(tempfile.mkdtemp()) / "tiny")
@@ -57,7 +58,7 @@ async def main() -> None:
     check("generation stops at its timeout", time.perf_counter() - started < 3.0, f"{time.perf_counter() - started:.2f} s")
     llm.release_blocking()
 
-    executor = GpuExecutor()
+    executor = WorkerThread("promptpics-gpu")
     executor.start()
     cache = LLMCache(device, dtype)
     settings = RouterConfig(stages=("llm",), llm_min_confidence=0.0)
@@ -89,4 +90,7 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("device", nargs="?", choices=("cuda", "cpu"), default="cuda",
+                        help="cuda (bf16, the default) or cpu (float32, a dry run)")
+    asyncio.run(main(parser.parse_args().device))

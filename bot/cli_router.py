@@ -100,7 +100,7 @@ async def cmd_route(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_eval_router(config: Config, args: argparse.Namespace) -> int:
-    from engine.router_eval import evaluate, format_report, read_examples
+    from engine.router import evaluate, format_report, read_examples
 
     config = _with_stages(await asyncio.to_thread(_prepare, config), args.stages)
     model_ids = list(config.models)

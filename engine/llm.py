@@ -2,7 +2,7 @@
 
 Every method ending in ``_blocking`` runs on the one thread that owns the model (the GPU thread
 in the engine). The user's text only ever enters inside the user turn of the chat template, and
-``sanitize_user_text`` strips chat-template control tokens from it first, so a prompt cannot
+``sanitise_user_text`` strips chat-template control tokens from it first, so a prompt cannot
 close its own turn and speak as the system or the assistant.
 """
 
@@ -28,7 +28,7 @@ _CONTROL_TOKENS = re.compile(r"<\|[^<>|]{0,64}\|>|\[/?INST\]|<</?SYS>>|</?s>", r
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
-def sanitize_user_text(text: str, extra_tokens: Sequence[str] = ()) -> str:
+def sanitise_user_text(text: str, extra_tokens: Sequence[str] = ()) -> str:
     """``text`` without chat-template control tokens or control characters.
 
     Removal repeats until nothing changes, so pieces that join into a marker once a marker
@@ -110,7 +110,7 @@ class ChatLLM:
         """The full chat up to the assistant's answer; ``user`` is sanitised and stays in its turn."""
         messages = [
             {"role": "system", "content": system},
-            {"role": "user", "content": sanitize_user_text(user, self._special_tokens)},
+            {"role": "user", "content": sanitise_user_text(user, self._special_tokens)},
         ]
         return str(self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 

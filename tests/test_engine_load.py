@@ -325,9 +325,9 @@ async def test_prompts_skip_the_embedding_stage_while_its_model_loads(tiny_confi
 
     def slow_loader(source: str, tokens: int, dtype: str) -> Any:
         assert release.wait(WAIT), "never released"
-        from tests.test_router import SlowEncoder
+        from tests.test_router import StubEncoder
 
-        return SlowEncoder()
+        return StubEncoder()
 
     config = tiny_config.model_copy(update={"router": tiny_config.router.model_copy(update={"stages": ("embeddings",)})})
     router = CascadeRouter(config, encoder_loader=slow_loader, index_wait_s=ENGINE_INDEX_WAIT_S)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from engine.errors import ModelLoadError
-from engine.llm import ChatLLM, LLMCache, sanitize_user_text
+from engine.llm import ChatLLM, LLMCache, sanitise_user_text
 
 SYSTEM = "You choose which image model should render an image prompt."
 CHOICES = ["flux_dev", "realvis_xl", "sd3_medium", "logo_sdxl"]
@@ -34,13 +34,13 @@ def chat(tiny_models: Any) -> ChatLLM:
     ("bell\x07 and nul\x00 gone, tab\tand newline\nkept", "bell and nul gone, tab\tand newline\nkept"),
     ("  <|endoftext|>  ", ""),
 ])
-def test_sanitize_user_text_strips_chat_control_tokens(text: str, expected: str) -> None:
-    assert sanitize_user_text(text) == expected
+def test_sanitise_user_text_strips_chat_control_tokens(text: str, expected: str) -> None:
+    assert sanitise_user_text(text) == expected
 
 
-def test_sanitize_keeps_ordinary_punctuation_and_unicode() -> None:
+def test_sanitise_keeps_ordinary_punctuation_and_unicode() -> None:
     text = 'a sign that says "<OPEN>" | 24/7 — café 🦊 <3 |>'
-    assert sanitize_user_text(text) == text
+    assert sanitise_user_text(text) == text
 
 
 # -- the tiny model --------------------------------------------------------------------------

@@ -17,10 +17,9 @@ import pytest
 
 from engine.config import Config, RouterConfig, parse_config, validate_table
 from engine.errors import ConfigError, ModelLoadError
-from engine.executor import GpuExecutor
 from engine.llm import LLMCache
-from engine.router import CascadeRouter, RouteDecision
-from engine.router_eval import evaluate, read_examples
+from engine.router import CascadeRouter, RouteDecision, evaluate, read_examples
+from engine.workers import WorkerThread
 from tests.conftest import REPO, repo_config_raw
 
 IDS = ("flux_dev", "realvis_xl", "sd3_medium", "logo_sdxl")
@@ -179,7 +178,7 @@ async def test_a_missing_embedding_model_falls_back_with_one_warning(tiny_config
 
 
 async def test_the_tiny_llm_runs_on_the_gpu_thread_and_answers_a_configured_id(tiny_config: Config) -> None:
-    executor = GpuExecutor()
+    executor = WorkerThread("promptpics-gpu")
     executor.start()
     cache = LLMCache("cpu", None)
     threads: list[str] = []
@@ -206,7 +205,7 @@ async def test_the_tiny_llm_runs_on_the_gpu_thread_and_answers_a_configured_id(t
 
 
 async def test_a_busy_gpu_thread_times_the_llm_out_and_the_work_is_dropped(tiny_config: Config) -> None:
-    executor = GpuExecutor()
+    executor = WorkerThread("promptpics-gpu")
     executor.start()
     calls: list[str] = []
     scripted = ScriptedLLM({"sd3_medium": -0.1})
@@ -309,7 +308,7 @@ async def test_routing_never_blocks_the_event_loop(tiny_config: Config) -> None:
     assert decision.stage == "embeddings"
     assert stub.loop_answered and all(stub.loop_answered)
 
-    from engine.embeddings import load_shared_encoder_blocking
+    from engine.router import load_shared_encoder_blocking
 
     cache = LLMCache("cpu", None)
     watched: list[LoopWatch] = []

@@ -17,7 +17,7 @@ from engine.core.job import JobHandle, LiveJob
 from engine.core.plan import QueuePlanner
 from engine.core.runner import RunOutput
 from engine.errors import EngineError, JobCancelledError
-from engine.executor import GpuExecutor
+from engine.workers import WorkerThread
 from engine.history import HistoryStore, StorageError
 from engine.jobs import (
     JobCancelled,
@@ -45,7 +45,7 @@ class Dispatcher(QueuePlanner):
 
     _history: HistoryStore | None
     _resumed: dict[str, JobHandle]
-    _executor: GpuExecutor
+    _executor: WorkerThread
     _admission: Admission
     _round_robin: RoundRobin
     _arrivals: Iterator[int]

@@ -1,7 +1,7 @@
 """Engine: submit, cancel, status and events; owns the queue, the GPU thread and its runner.
 
 Everything here runs on the asyncio loop and never waits on torch: torch work is handed to
-the ``GpuExecutor`` and awaited as a future; progress comes back with ``call_soon_threadsafe``.
+the GPU thread (a ``WorkerThread``) and awaited as a future; progress comes back with ``call_soon_threadsafe``.
 The dispatcher (dispatch.py) and the queue plan (plan.py) are its bases; the seats in the
 queue are admission.py's.
 """
@@ -26,7 +26,7 @@ from engine.core.plan import CostBook, QueuePlan, recorded_busy_s
 from engine.core.runner import JobRunner, default_runner_blocking
 from engine.datalock import DataFolderLock
 from engine.errors import EngineClosedError
-from engine.executor import GpuExecutor
+from engine.workers import WorkerThread
 from engine.history import HistoryStore, StoredJob
 from engine.jobs import EngineEvent, GenerationParams, JobCancelled, JobFailed, JobQueued, JobRequest, JobStatus
 from engine.llm import ChatLLM, LLMCache
@@ -54,7 +54,7 @@ class Engine(Dispatcher):
         self._router = router or build_router(
             config, run_on_gpu_thread=lambda fn, *args: self._executor.submit(fn, *args), llm=self._router_llm_blocking)
         self._runner_factory = runner_factory or default_runner_blocking
-        self._executor = GpuExecutor()
+        self._executor = WorkerThread("promptpics-gpu")
         self._scheduler = make_scheduler(config.scheduler)
         self._round_robin = RoundRobin()
         self._timings = CostBook()  # the scheduler's per-model timings and the per-job ETA costs

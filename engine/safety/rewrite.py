@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from engine.llm import sanitize_user_text
+from engine.llm import sanitise_user_text
 from engine.safety.detectors import PromptCheck, normalise_text, term_pattern
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ class PromptRewriter:
 
 def clean_answer(answer: str) -> str:
     """The first non-empty line of an LLM answer, without labels, quotes or control tokens."""
-    text = sanitize_user_text(answer)
+    text = sanitise_user_text(answer)
     line = next((ln for ln in text.splitlines() if ln.strip()), "")
     line = _LABEL.sub("", line).strip().strip("\"'`“”‘’").strip()
     return " ".join(line.split())

@@ -1,16 +1,13 @@
-"""Sentence embeddings for the router: load a sentence-transformers model folder, embed text.
+"""Sentence embeddings for the router: load a sentence-transformers model, embed text, score examples.
 
-The model is read with plain transformers (``AutoModel`` + ``AutoTokenizer``) and pooled the
-way the folder's ``1_Pooling/config.json`` says (mean pooling for all-MiniLM-L6-v2), then
-L2-normalised, which is what ``SentenceTransformer.encode(normalize_embeddings=True)`` returns
-for the same folder, without importing sentence-transformers. It runs on the CPU: see
-``docs/ROUTER.md`` ("Why the embedding stage runs on the CPU").
+The model is loaded and run by sentence-transformers (tokeniser, transformer, the pooling the
+folder's ``1_Pooling/config.json`` names, L2 normalisation). It runs on the CPU, in the router's
+embedding thread: see ``docs/ROUTER.md`` ("Why the embedding stage runs on the CPU").
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import threading
 import time
@@ -70,73 +67,74 @@ def resolve_embedding_dtype(setting: str) -> str:
     return setting
 
 
-def _pooling_mode(folder: str) -> str:
-    """'mean' unless the sentence-transformers pooling config says 'cls' or 'max'."""
-    config = Path(folder) / "1_Pooling" / "config.json"
-    if not config.is_file():
-        return "mean"
-    settings = json.loads(config.read_text(encoding="utf-8"))
-    for mode in ("cls", "max"):
-        if settings.get(f"pooling_mode_{mode}_token"):
-            return mode
-    return "mean"
+def limit_torch_threads(count: int) -> None:
+    """Give the calling thread ``count`` torch intra-op threads and leave every other thread's alone.
+
+    Why: a MiniLM call is a few small matmuls. With two OpenMP threads on a 2-core machine that
+    is also running the GPU thread and the loop, the threads wait on each other and a 10 ms
+    call becomes 100-700 ms (measured, docs/ROUTER.md); one thread does not wait on anyone.
+    ``torch.set_num_threads`` sets this thread's OpenMP/MKL setting and torch's default for
+    threads started later; a helper thread puts that default back, which leaves this one as set.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    restore = threading.Thread(target=torch.set_num_threads, args=(previous,), name="promptpics-threads-restore")
+    restore.start()
+    restore.join()
 
 
 class SentenceEncoder:
-    """An embedding model on the CPU; ``encode_blocking`` runs on the router's embedding thread."""
+    """A sentence-transformers model on the CPU; ``encode_blocking`` runs on the router's embedding thread.
 
-    def __init__(self, source: str, model: Any, tokenizer: Any, pooling: str, max_tokens: int,
-                 dtype: str = "float32") -> None:
+    ``encode_blocking`` runs the model's own modules (preprocess, then the forward pass) rather
+    than ``SentenceTransformer.encode``: encode's per-call bookkeeping (``eval()`` over every
+    module, a device lookup, a length sort) added 3-4 ms to every one-prompt call, about 12%
+    (measured, docs/ROUTER.md). The vectors are the same (cosine 1.0).
+    """
+
+    def __init__(self, source: str, model: Any, max_tokens: int, dtype: str = "float32") -> None:
         self.source = source
         self.dtype = dtype
-        self._model, self._tokenizer = model, tokenizer
-        self._pooling = pooling
+        self._model = model
         self.max_tokens = max_tokens
-        self.dim = int(model.config.hidden_size)
+        self.dim = int(model.get_embedding_dimension())
 
     @classmethod
     def load_blocking(cls, source: str, *, max_tokens: int = 128, dtype: str = "float32") -> SentenceEncoder:
         """``dtype``: "float32", "bfloat16" or "auto" (bfloat16 where the CPU has native bf16)."""
         where, local = resolve_embedding_source(source)
         import torch
-        from transformers import AutoModel, AutoTokenizer
+        from sentence_transformers import SentenceTransformer
         from transformers.utils import logging as hf_logging
 
         started = time.perf_counter()
-        kwargs: dict[str, Any] = {"local_files_only": True} if local else {}
         dtype = resolve_embedding_dtype(dtype)
         was_enabled = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # "Loading weights" bars mean nothing to a bot admin
         try:
-            tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-            model = AutoModel.from_pretrained(where, dtype=getattr(torch, dtype), **kwargs).eval()
+            model = SentenceTransformer(where, device="cpu", local_files_only=local,
+                                        model_kwargs={"dtype": getattr(torch, dtype)})
         except Exception as exc:  # OSError, ValueError: missing files, a hub id while offline
             raise EmbeddingUnavailable(f"the embedding model {Path(where).name if local else where!r} could not be loaded ({type(exc).__name__})") from exc
         finally:
             if was_enabled:
                 hf_logging.enable_progress_bar()
-        pooling = _pooling_mode(where) if local else "mean"
-        log.info("embedding model %s loaded in %.2f s (%s pooling, %s)", source, time.perf_counter() - started,
-                 pooling, dtype)
-        return cls(source, model, tokenizer, pooling, max_tokens, dtype)
+        model.max_seq_length = max_tokens
+        model.eval()  # loaded in training mode: dropout would change every vector
+        log.info("embedding model %s loaded in %.2f s (%s)", source, time.perf_counter() - started, dtype)
+        return cls(source, model, max_tokens, dtype)
 
     def encode_blocking(self, texts: Sequence[str]) -> Any:
         """A float32 tensor ``(len(texts), dim)`` of unit vectors (cosine similarity = dot product)."""
         import torch
 
-        batch = self._tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens,
-                                return_tensors="pt")
+        features = self._model.preprocess(list(texts))
         with torch.inference_mode():
-            hidden = self._model(**batch).last_hidden_state.float()  # pool in float32 whatever the weights
-            if self._pooling == "cls":
-                pooled = hidden[:, 0]
-            elif self._pooling == "max":
-                mask = batch["attention_mask"].unsqueeze(-1).bool()
-                pooled = hidden.masked_fill(~mask, float("-inf")).max(dim=1).values
-            else:
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-            return torch.nn.functional.normalize(pooled, dim=-1)
+            embedded = self._model(features)["sentence_embedding"]
+        # normalised again in float32: with bf16 weights the model's own norms are off by ~0.2%
+        return torch.nn.functional.normalize(embedded.float(), dim=-1)
 
 
 class ExampleIndex:

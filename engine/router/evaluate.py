@@ -8,6 +8,7 @@ serve). Used by ``promptpics eval-router`` and ``bench/router_eval.py``.
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import ConfigError
-from engine.router import RouteDecision, Router
+from engine.router.cascade import RouteDecision, Router
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,13 +49,13 @@ def read_examples(path: str | Path, model_ids: Iterable[str]) -> list[Example]:
     return rows
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100); 0.0 for no values."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
-    return ordered[rank - 1]
+def percentile(values: Sequence[float], q: int) -> float:
+    """The ``q``-th percentile (q in 1..99) as ``statistics.quantiles`` gives it, "inclusive"
+    method (linear between the two nearest values, never outside min..max); 0.0 for no values,
+    the value itself for one (quantiles needs two)."""
+    if len(values) < 2:
+        return float(values[0]) if values else 0.0
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
 async def evaluate(router: Router, examples: Sequence[Example], model_ids: Sequence[str]) -> dict[str, Any]:

@@ -13,14 +13,14 @@ and the LLM only ever scores the configured ids. See docs/ROUTER.md for the meas
 
 Threads, and why (rule 1 of DESIGN.md: the loop never waits on torch):
 - The embedding model is small (22M parameters) and runs on the CPU in a thread of its own
-  (``router_threads.Worker``, one torch intra-op thread). Routing happens at submit time and
-  must answer at once, while the GPU thread may be busy with a generation for a minute; a CPU
-  encoder costs a few ms and never competes for GPU memory. It is a CPU-only torch object
-  owned by exactly one thread, never moved to CUDA.
+  (an ``engine.workers.WorkerThread``, one torch intra-op thread). Routing happens at submit
+  time and must answer at once, while the GPU thread may be busy with a generation for a
+  minute; a CPU encoder costs a few ms and never competes for GPU memory. It is a CPU-only
+  torch object owned by exactly one thread, never moved to CUDA.
 - The LLM (1.5B parameters) is too slow on the CPU (seconds) and so runs on the GPU thread via
-  the injected ``run_on_gpu_thread`` (``GpuExecutor.submit``): it is queued behind the job
-  that is running and runs before the next one starts, so it never shares the GPU with a
-  generation. Its timeout counts the wait: when the GPU is busy for longer, the stage is
+  the injected ``run_on_gpu_thread`` (the GPU thread's ``WorkerThread.submit``): it is queued
+  behind the job that is running and runs before the next one starts, so it never shares the GPU with a
+generation. Its timeout counts the wait: when the GPU is busy for longer, the stage is
   skipped and the work item is marked abandoned, so the GPU thread drops it unrun.
 """
 
@@ -37,18 +37,19 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from engine.config import Config, RouterConfig
-from engine.embeddings import (
+from engine.errors import ModelLoadError
+from engine.llm import ChatLLM, LLMCache
+from engine.router.embeddings import (
     EmbeddingUnavailable,
     ExampleIndex,
     SentenceEncoder,
+    limit_torch_threads,
     load_shared_encoder_blocking,
     shared_index_blocking,
 )
-from engine.errors import ModelLoadError
-from engine.llm import ChatLLM, LLMCache
-from engine.router_llm import choose_blocking, system_prompt
-from engine.router_rules import RuleBook
-from engine.router_threads import Worker, limit_torch_threads
+from engine.router.llm_stage import score_blocking, system_prompt
+from engine.router.rules import RuleBook
+from engine.workers import WorkerThread
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ EncoderLoader = Callable[[str, int, str], SentenceEncoder]  # (source, max_token
 # Cosine similarities of MiniLM sit in a narrow band (0.2..0.8): dividing by this before the
 # softmax turns a 0.05 lead into about e to one, which reads as a probability.
 EMBEDDING_TEMPERATURE = 0.05
+# How long closing waits for a thread's call in progress (an embedding, a load) to finish.
+WORKER_STOP_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,16 +76,6 @@ class RouteDecision:
 
 class Router(Protocol):
     async def route(self, prompt: str, *, resident: frozenset[str] = frozenset()) -> RouteDecision: ...
-
-
-class DefaultRouter:
-    """Always the configured default model (the last resort of every cascade)."""
-
-    def __init__(self, config: Config) -> None:
-        self._config = config
-
-    async def route(self, prompt: str, *, resident: frozenset[str] = frozenset()) -> RouteDecision:
-        return default_decision(self._config)
 
 
 def default_decision(config: Config, timings_ms: Mapping[str, float] | None = None) -> RouteDecision:
@@ -107,6 +100,7 @@ class _Answer:
 
 
 def softmax(scores: Mapping[str, float], temperature: float = 1.0) -> dict[str, float]:
+    """Scores (similarities, log-probabilities) -> probabilities per model that sum to 1."""
     top = max(scores.values())
     weights = {m: math.exp((s - top) / temperature) for m, s in scores.items()}
     total = sum(weights.values())
@@ -138,14 +132,15 @@ class CascadeRouter:
         # embeddings: CPU, one thread of their own
         self._encoder_loader = encoder_loader or load_shared_encoder_blocking
         threads = self.settings.embedding_threads
-        self._embed_thread = Worker("promptpics-embed", on_start=(lambda: limit_torch_threads(threads)) if threads else None)
+        self._embed_thread = WorkerThread("promptpics-embed",
+                                          on_start=(lambda: limit_torch_threads(threads)) if threads else None)
         self._index: ExampleIndex | None = None
         self._index_task: asyncio.Future[ExampleIndex] | None = None
         self._embeddings_off: str | None = None  # why the stage is off, once warned
         # LLM: the GPU thread when injected; else a thread (and an LLM cache) of our own
         self._run_on_gpu = run_on_gpu_thread
         self._llm_provider = llm
-        self._llm_thread: Worker | None = None  # only when no GPU thread is injected
+        self._llm_thread: WorkerThread | None = None  # only when no GPU thread is injected
         self._own_llms: LLMCache | None = None
         self._llm_off: str | None = None
 
@@ -289,10 +284,10 @@ class CascadeRouter:
         def work() -> dict[str, float] | None:  # on the GPU thread
             if abandoned.is_set():  # the router gave up waiting: do not spend GPU time on it
                 return None
-            return choose_blocking(self._router_llm_blocking(), self._system, prompt, self._model_ids)
+            return score_blocking(self._router_llm_blocking(), self._system, prompt, self._model_ids)
 
         try:
-            probs = await asyncio.wait_for(self._on_llm_thread(work), self.settings.llm_timeout_s)
+            log_probs = await asyncio.wait_for(self._on_llm_thread(work), self.settings.llm_timeout_s)
         except TimeoutError:
             abandoned.set()
             log.info("router: the LLM stage took over %.1f s (GPU busy or loading); skipped", self.settings.llm_timeout_s)
@@ -300,8 +295,9 @@ class CascadeRouter:
         except ModelLoadError as exc:
             self._switch_llm_off(exc)
             return None
-        if probs is None:
+        if log_probs is None:
             return None
+        probs = softmax(log_probs)  # each id's share of the probability the LLM gives the set
         best = max(probs, key=probs.__getitem__)
         sure = probs[best] >= self.settings.llm_min_confidence
         return _Answer(best, probs[best], "the router LLM's choice", "llm", sure, probs)
@@ -320,7 +316,7 @@ class CascadeRouter:
         if self._run_on_gpu is not None:
             return self._run_on_gpu(fn, *args)
         if self._llm_thread is None:  # stand-alone (CLI, bench): a thread of our own plays the GPU thread
-            self._llm_thread = Worker("promptpics-router-llm")
+            self._llm_thread = WorkerThread("promptpics-router-llm")
         return self._llm_thread.submit(fn, *args)
 
     def _switch_llm_off(self, exc: BaseException) -> None:
@@ -357,7 +353,7 @@ class CascadeRouter:
             self._llm_thread.submit(self._own_llms.release_all_blocking)
         for worker in (self._embed_thread, self._llm_thread):
             if worker is not None:
-                await worker.stop()
+                await worker.stop(timeout_s=WORKER_STOP_TIMEOUT_S)
 
 
 ENGINE_INDEX_WAIT_S = 0.25  # the most a submit waits for the embedding model to finish loading

@@ -7,13 +7,10 @@ answer is a configured id by construction, whatever the prompt says.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
-if TYPE_CHECKING:
-    from engine.config import ModelSpec
-    from engine.llm import ChatLLM
+from engine.config import ModelSpec
+from engine.llm import ChatLLM
 
 # The prompt is wrapped in these and may not contain them, so where it ends is never in doubt.
 OPEN, CLOSE = "<<<", ">>>"
@@ -38,15 +35,8 @@ def user_message(prompt: str) -> str:
     return f"Image prompt:\n{OPEN}\n{cleaned}\n{CLOSE}"
 
 
-def probabilities(log_probs: Mapping[str, float]) -> dict[str, float]:
-    """Softmax over the choices: each model id's share of the probability the LLM gives the set."""
-    top = max(log_probs.values())
-    weights = {m: math.exp(lp - top) for m, lp in log_probs.items()}
-    total = sum(weights.values())
-    return {m: w / total for m, w in weights.items()}
-
-
-def choose_blocking(llm: ChatLLM, system: str, prompt: str, model_ids: Sequence[str]) -> dict[str, float]:
-    """Probability per model id (sums to 1); runs on the thread that owns ``llm``."""
+def score_blocking(llm: ChatLLM, system: str, prompt: str, model_ids: Sequence[str]) -> dict[str, float]:
+    """Log-probability per model id as the LLM's whole answer; runs on the thread that owns ``llm``.
+    The cascade turns these into probabilities (its ``softmax``)."""
     scores = llm.score_choices_blocking(system, user_message(prompt), list(model_ids))
-    return probabilities(dict(zip(model_ids, scores, strict=True)))
+    return dict(zip(model_ids, scores, strict=True))
