@@ -35,8 +35,9 @@ and compared with when the image came:
 - ``per-model mean``: the same plan, each job priced at its model's mean (the TimingBook alone).
 - ``old engine``: the engine before this issue: the TimingBook unseeded (defaults 10 s/20 s
   until jobs finish in this process), ``expected - elapsed`` for the running job.
-- ``old status message``: the bot's EtaBook (history means, queue order, the running job
-  counted half done), which status messages showed before this issue.
+- ``old status message``: what status messages showed before the engine gave ETAs: the bot's
+  former EtaBook (history means, queue order, the running job counted half done), kept below
+  as ``OldStatusBook`` because the bot no longer has it.
 
 Reports, per estimate: coverage (jobs given an ETA), mean absolute error, mean signed error
 (+ = the image came earlier than said), and p50/p90 relative error ``|eta - actual| / actual``;
@@ -239,8 +240,38 @@ async def record_history(config: Any, jobs: int, rng: random.Random, request: An
             await (await engine.submit(request(rng, n))).result()
 
 
+class OldStatusBook:
+    """The bot's former EtaBook (removed when the engine's ETAs replaced it), kept as a baseline:
+    seconds per model seeded from the history's means, smoothed over finished jobs; a job's ETA
+    is the sum over the queue ahead in queue order, the running job counted half done."""
+
+    def __init__(self, smoothing: float = 0.3) -> None:
+        self._seconds: dict[str, float] = {}
+        self._smoothing = smoothing
+
+    def seed(self, stats: Any) -> None:
+        for s in stats:
+            if s.mean_generate_s is not None:
+                self._seconds.setdefault(s.model_id, s.mean_generate_s)
+
+    def observe(self, model_id: str, seconds: float) -> None:
+        old = self._seconds.get(model_id)
+        self._seconds[model_id] = seconds if old is None else old + self._smoothing * (seconds - old)
+
+    def finish_times(self, entries: Any) -> dict[str, float | None]:
+        out: dict[str, float | None] = {}
+        total: float | None = 0.0
+        for e in entries:
+            each = self._seconds.get(e.model_id)
+            if total is not None and each is not None:
+                total += each / 2 if e.position == 0 else each
+            else:
+                total = None
+            out[e.job_id] = total
+        return out
+
+
 async def replay(config: Any, jobs: int, gap: float, rng: random.Random, request: Any, factory: Any) -> dict[str, Any]:
-    from bot.commands import EtaBook
     from engine import Engine, JobFinished, JobStarted
     from engine.jobs import FINAL_EVENTS
     from engine.scheduler import TimingBook
@@ -250,7 +281,7 @@ async def replay(config: Any, jobs: int, gap: float, rng: random.Random, request
     finished_at: dict[str, float] = {}
     started_at: dict[str, float] = {}
     refreshed: dict[str, tuple[float | None, float]] = {}  # job -> (ETA, when), the last before it started
-    status_book, old_book = EtaBook(), TimingBook()
+    status_book, old_book = OldStatusBook(), TimingBook()
     async with Engine(config, runner_factory=factory) as engine:
         status_book.seed(await engine.history.model_stats())
         events = engine.subscribe()

@@ -223,10 +223,14 @@ def check_full_size() -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--skip", default="", help="letters of sections to skip, e.g. 'D'")
     args = parser.parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{Path(__file__).name}: needs a CUDA GPU (torch.cuda.is_available() is False); nothing checked")
     for letter, fn in (("A", check_engine), ("B", check_offload), ("C", check_oom), ("D", check_full_size)):
         if letter not in args.skip:
             fn()

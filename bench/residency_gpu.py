@@ -341,7 +341,7 @@ def _capture_logs(name: str) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--skip", default="", help="letters of sections to skip, e.g. 'B'")
     args = parser.parse_args()
@@ -349,6 +349,8 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="pp-residency-"))
     import torch
 
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{Path(__file__).name}: needs a CUDA GPU (torch.cuda.is_available() is False); nothing checked")
     RESULTS["device"] = {"name": torch.cuda.get_device_name(0), "torch": torch.__version__}
     for letter, fn, extra in (("C", check_manager, (workdir,)), ("E", check_torch_ops, ()), ("D", check_pinned, ()),
                               ("A", check_copies, ()), ("B", check_disk, (workdir,))):

@@ -11,6 +11,7 @@ Not a test (CI has no GPU); figures go to docs/SAFETY.md.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import statistics
@@ -108,8 +109,11 @@ def nudenet_cpu() -> None:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     import torch
 
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{Path(__file__).name}: needs a CUDA GPU (torch.cuda.is_available() is False); nothing checked")
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}", flush=True)
     for step in (lambda: overflow(tiny_config()), latent_check, nudenet_cpu):
         try:
