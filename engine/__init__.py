@@ -14,6 +14,7 @@ from engine.errors import (
     QueueFullError,
     RequestError,
 )
+from engine.history import HistoryStore, ModelStats, StoredJob
 from engine.jobs import (
     EngineEvent,
     GenerationParams,
@@ -34,7 +35,15 @@ from engine.jobs import (
     Requester,
     Timings,
 )
+from engine.models_info import describe_models
+from engine.normalise import MAX_SEED
+from engine.router import CascadeRouter
+from engine.router_config import STAGES as ROUTER_STAGES
+from engine.router_eval import evaluate as evaluate_router
+from engine.router_eval import format_report as format_router_report
+from engine.router_eval import read_examples as read_router_examples
 from engine.safety import BlankImageError, ImageRefusedError, SafetyConfig, UnsafeContentError
+from engine.tiny import ensure_tiny_models
 
 __all__ = [
     "Config", "ConfigError", "Engine", "EngineError", "GenerationError", "GenerationParams", "JobCancelled",
@@ -43,4 +52,10 @@ __all__ = [
     "OutOfMemoryError", "QueueEntry", "QueueFullError", "RequestError", "Requester", "Timings", "load_config",
     "with_tiny_models", "BlankImageError", "ImageRefusedError", "SafetyConfig", "UnsafeContentError",
     "DataFolderBusyError", "EngineClosedError", "EngineEvent", "QueueMoved", "QueuePlace",
+    # the history the CLI and the adapters read
+    "HistoryStore", "ModelStats", "StoredJob",
+    # what the bot shows or checks: the model table, the seed bound, the tiny profile's models
+    "describe_models", "MAX_SEED", "ensure_tiny_models",
+    # the router on its own: `promptpics route` and `promptpics eval-router`
+    "CascadeRouter", "ROUTER_STAGES", "evaluate_router", "format_router_report", "read_router_examples",
 ]
