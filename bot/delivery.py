@@ -23,10 +23,11 @@ import io
 import logging
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from cachetools import LRUCache
 
 from bot import messages
 from bot.commands import Commands
@@ -42,11 +43,12 @@ from engine import (
     JobStarted,
     JobStatus,
     QueueMoved,
+    StoredJob,
 )
-from engine.history import StoredJob
 
 log = logging.getLogger(__name__)
 
+JOBS_REMEMBERED = 5000  # jobs whose delivery began, and whether it settled
 CATCH_UP_WINDOW_S = 24 * 3600  # results finished but never posted (a crash) are posted at start
 CATCH_UP_JOBS = 50
 POSITION_UPDATES_UP_TO = 10  # queued jobs further back are not re-edited each time the queue moves
@@ -144,7 +146,7 @@ class Delivery:
         self._events: asyncio.Queue[EngineEvent] | None = None
         self._inboxes: dict[str, asyncio.Queue[JobEvent | _Moved]] = {}
         self._workers: set[asyncio.Task[None]] = set()
-        self._seen: OrderedDict[str, bool] = OrderedDict()  # job id -> settled (bounded)
+        self._seen: LRUCache[str, bool] = LRUCache(maxsize=JOBS_REMEMBERED)  # job id -> settled
         self._changed = asyncio.Condition()
 
     def add_outlet(self, outlet: Outlet) -> None:
@@ -214,9 +216,6 @@ class Delivery:
 
     def _remember(self, job_id: str, *, settled: bool) -> None:
         self._seen[job_id] = settled
-        self._seen.move_to_end(job_id)
-        while len(self._seen) > 5000:
-            self._seen.popitem(last=False)
 
     # -- one job -----------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bot.console_app import ConsoleOutlet
+from bot.console import ConsoleOutlet
 from bot.delivery import MessageRef, Picture, PreviewPicture
 from engine import Config, Engine, JobFinished, JobQueued, JobRequest, JobStarted
 from engine.config import parse_config

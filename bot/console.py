@@ -22,8 +22,7 @@ from typing import TextIO
 from bot import messages
 from bot.commands import Actor, AdminPolicy, Commands, Reply, Submitted
 from bot.delivery import Delivery, MessageRef, Picture, PreviewPicture
-from engine import JobStatus, Origin
-from engine.history import StoredJob
+from engine import JobStatus, Origin, StoredJob
 
 log = logging.getLogger(__name__)
 
