@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from bot.console import ConsoleOutlet
-from bot.delivery import MessageRef, Picture, PreviewPicture
+from bot.outlet import MessageRef, Picture, PreviewPicture
 from engine import Config, Engine, JobFinished, JobQueued, JobRequest, JobStarted
 from engine.config import parse_config
 from engine.errors import ConfigError

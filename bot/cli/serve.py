@@ -20,7 +20,8 @@ from bot.cli.profile import prepare
 from bot.commands import AdminPolicy, Commands
 from bot.console import ADMINS as CONSOLE_ADMINS
 from bot.console import ConsoleApp
-from bot.delivery import Delivery, Outlet
+from bot.delivery import Delivery
+from bot.outlet import Outlet
 from bot.settings import Settings, load_settings
 from engine import Config, Engine, HistoryStore
 

@@ -1,9 +1,9 @@
-"""How jobs look in Discord: the ``delivery.Outlet`` that posts status messages, previews and
+"""How jobs look in Discord: the ``outlet.Outlet`` that posts status messages, previews and
 results with the bot token, to the channel each job came from.
 
 - The interaction token dies after 15 minutes, so nothing here uses it: a long queue never
   loses a result. A partial messageable needs no cache, so this works after a restart too.
-- A result larger than the channel's upload limit is re-encoded to fit (bot/delivery.py).
+- A result larger than the channel's upload limit is re-encoded to fit (bot/outlet.py).
 - Mentions are off except the requester's own: a prompt quoted in a message may say @everyone.
 """
 
@@ -17,7 +17,7 @@ from collections.abc import MutableMapping, Sequence
 import discord
 
 from bot import messages
-from bot.delivery import MessageGone, MessageRef, Picture, PreviewPicture, fit_image_blocking
+from bot.outlet import MessageGone, MessageRef, Picture, PreviewPicture, fit_image_blocking
 from bot.settings import DiscordSettings
 from engine import StoredJob
 
@@ -36,7 +36,7 @@ def pinging(user_id: str) -> discord.AllowedMentions:
 
 
 class DiscordOutlet:
-    """Shows jobs in Discord with the bot token (``delivery.Outlet``)."""
+    """Shows jobs in Discord with the bot token (``outlet.Outlet``)."""
 
     platform = PLATFORM
     progress_interval_s: float | None = None  # [bot] progress_interval_s

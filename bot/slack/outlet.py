@@ -1,4 +1,4 @@
-"""How jobs look in Slack: the ``delivery.Outlet`` that posts statuses and images with the bot
+"""How jobs look in Slack: the ``outlet.Outlet`` that posts statuses and images with the bot
 token, the text escaping both directions, and the Web API client's retry manners.
 
 - Slack escapes ``&``, ``<`` and ``>`` in what users type; text we post is escaped the same way,
@@ -35,7 +35,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import messages
 from bot.commands import normalise_emoji
-from bot.delivery import MessageGone, MessageRef, Picture
+from bot.outlet import MessageGone, MessageRef, Picture
 from bot.settings import SlackSettings
 from engine import StoredJob
 
@@ -168,7 +168,7 @@ def configure_client(client: AsyncWebClient, settings: SlackSettings) -> AsyncWe
 
 
 class SlackOutlet:
-    """Shows jobs in Slack with the bot token (``delivery.Outlet``).
+    """Shows jobs in Slack with the bot token (``outlet.Outlet``).
 
     No ``edit_status_with_preview``, on purpose: chat.update cannot attach a file, and showing a
     preview would take an upload (three calls, a new file) plus an edit per preview, against
