@@ -405,7 +405,8 @@ async def test_retries_wait_what_retry_after_says_and_back_off_on_server_errors(
     assert [backoff.calculate_sleep_duration(n) for n in range(3)] == [0.5, 1.0, 2.0]
     assert backoff.calculate_sleep_duration(20) == 120.0
     # slack_sdk's own server-error handler retries 500 and 503 only; Slack's gateways also answer 502 and 504.
-    retry, request = ServerErrorRetry(max_retries=4, backoff_s=0.5), HttpRequest(method="POST", url="https://slack.test/api/x", headers={})
+    retry = ServerErrorRetry(max_retries=4, backoff_s=0.5)
+    request = HttpRequest(method="POST", url="https://slack.test/api/chat.postMessage", headers={})
     answers = {code: await retry.can_retry_async(state=RetryState(), request=request,
                                                  response=HttpResponse(status_code=code, headers={}))
                for code in (500, 502, 503, 504, 429, 400)}
