@@ -105,7 +105,7 @@ def main() -> None:
 
     print(f"machine: {platform.machine()}, {platform.python_version()}, device {args.device}")
     print("\n| import | seconds (median of 3, fresh process) |\n|---|---|")
-    for module in ("engine", "bot.__main__", "torch", "diffusers"):
+    for module in ("engine", "bot.cli", "torch", "diffusers"):
         print(f"| `{module}` | {import_seconds(module):.3f} |")
 
     config = tiny_config(args.device)

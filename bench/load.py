@@ -264,7 +264,7 @@ def _small_png() -> bytes:
 
 
 class RecordingOutlet:
-    """``bot.delivery.Outlet`` that keeps what it was asked to show, in memory."""
+    """``bot.outlet.Outlet`` that keeps what it was asked to show, in memory."""
 
     platform = PLATFORM
     progress_interval_s: float | None = None  # the chat throttle: [bot] progress_interval_s
@@ -281,7 +281,7 @@ class RecordingOutlet:
         return f"@{user_id}"
 
     async def post_status(self, job: Any, text: str) -> Any:
-        from bot.delivery import MessageRef
+        from bot.outlet import MessageRef
 
         self.status_posts += 1
         return MessageRef(job.origin.channel_id, f"{job.id}-status")
@@ -290,7 +290,7 @@ class RecordingOutlet:
         self.edits += 1
 
     async def post_result(self, job: Any, picture: Any, caption: str, status: Any) -> Any:
-        from bot.delivery import MessageRef
+        from bot.outlet import MessageRef
 
         self.results[job.id] += 1
         self.delivered[job.requester.user_id].append(job.id)

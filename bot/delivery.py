@@ -2,9 +2,9 @@
 
 The engine speaks plain data; this module keeps the link between a job id and the platform
 messages that show it (in the history's ``deliveries`` table, so reactions keep working after
-a restart). Each platform plugs in an ``Outlet``; one ``Delivery`` serves them all from one
-subscription to the engine, made *before* the engine is entered so that jobs taken back from
-the history after a restart (``JobQueued(resumed=True)``) reach their original channel too.
+a restart). Each platform plugs in an ``Outlet`` (bot/outlet.py); one ``Delivery`` serves them
+all from one subscription to the engine, made *before* the engine is entered so that jobs taken
+back from the history after a restart (``JobQueued(resumed=True)``) reach their original channel too.
 
 One small task per live job handles that job's events in order, so a slow platform call for
 one job never holds up another's. When the queue moves, the engine publishes one ``QueueMoved``
@@ -19,17 +19,17 @@ preview goes out with the next edit. An outlet shows them if it has the optional
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+
+from cachetools import LRUCache
 
 from bot import messages
 from bot.commands import Commands
+from bot.outlet import MessageGone, MessageRef, Outlet, Picture, PreviewPicture
 from engine import (
     EngineEvent,
     JobCancelled,
@@ -42,70 +42,16 @@ from engine import (
     JobStarted,
     JobStatus,
     QueueMoved,
+    StoredJob,
 )
-from engine.history import StoredJob
 
 log = logging.getLogger(__name__)
 
+JOBS_REMEMBERED = 5000  # jobs whose delivery began, and whether it settled
 CATCH_UP_WINDOW_S = 24 * 3600  # results finished but never posted (a crash) are posted at start
 CATCH_UP_JOBS = 50
 POSITION_UPDATES_UP_TO = 10  # queued jobs further back are not re-edited each time the queue moves
 ETA_CHANGE_SHOWN = (10.0, 0.25)  # a queued job's ETA is re-edited when it moves this much (s, share)
-
-
-@dataclass(frozen=True, slots=True)
-class MessageRef:
-    channel_id: str
-    message_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class Picture:
-    png: bytes
-    path: str | None  # where the history keeps the PNG
-
-
-@dataclass(frozen=True, slots=True)
-class PreviewPicture:
-    data: bytes  # JPEG or WebP, <= 256 px on the long side by default
-    mime: str
-    filename: str  # "<job id>-preview.jpg"
-    step: int
-    total: int
-
-
-class MessageGone(Exception):
-    """The message to edit no longer exists (deleted by someone); post a new one instead."""
-
-
-class Outlet(Protocol):
-    """One platform's way of showing a job. Methods raise on failure; Delivery logs and goes on.
-
-    Optional, looked up with ``getattr`` (an outlet without it shows no previews)::
-
-        async def edit_status_with_preview(self, job: StoredJob, ref: MessageRef, text: str,
-                                           preview: PreviewPicture | None) -> None: ...
-
-    It edits the status text and replaces the message's image with ``preview``; None removes
-    the image (the job ended without one, or the safety loop rejected what it showed). It
-    raises MessageGone like ``edit_status``.
-    """
-
-    platform: str
-    progress_interval_s: float | None  # None: [bot] progress_interval_s
-
-    def mention(self, user_id: str) -> str: ...
-
-    async def post_status(self, job: StoredJob, text: str) -> MessageRef: ...
-
-    async def edit_status(self, job: StoredJob, ref: MessageRef, text: str) -> None: ...
-
-    async def post_result(self, job: StoredJob, picture: Picture, caption: str,
-                          status: MessageRef | None) -> MessageRef: ...
-
-    async def add_reactions(self, job: StoredJob, ref: MessageRef, emojis: Sequence[str]) -> None: ...
-
-    async def retire_status(self, job: StoredJob, ref: MessageRef) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +90,7 @@ class Delivery:
         self._events: asyncio.Queue[EngineEvent] | None = None
         self._inboxes: dict[str, asyncio.Queue[JobEvent | _Moved]] = {}
         self._workers: set[asyncio.Task[None]] = set()
-        self._seen: OrderedDict[str, bool] = OrderedDict()  # job id -> settled (bounded)
+        self._seen: LRUCache[str, bool] = LRUCache(maxsize=JOBS_REMEMBERED)  # job id -> settled
         self._changed = asyncio.Condition()
 
     def add_outlet(self, outlet: Outlet) -> None:
@@ -214,9 +160,6 @@ class Delivery:
 
     def _remember(self, job_id: str, *, settled: bool) -> None:
         self._seen[job_id] = settled
-        self._seen.move_to_end(job_id)
-        while len(self._seen) > 5000:
-            self._seen.popitem(last=False)
 
     # -- one job -----------------------------------------------------------------------------
 
@@ -443,30 +386,3 @@ def _eta_moved(shown: float | None, now: float | None) -> bool:
         return (shown is None) != (now is None)
     seconds, share = ETA_CHANGE_SHOWN
     return abs(now - shown) > max(seconds, share * shown)
-
-
-# -- images that must fit a platform's upload limit ---------------------------------------------
-
-
-class ImageTooLarge(Exception):
-    pass
-
-
-def fit_image_blocking(png: bytes, limit: int) -> tuple[bytes, str]:
-    """The PNG if it fits in ``limit`` bytes; else WebP or JPEG, downscaled if need be.
-    Returns ``(data, extension)``. CPU work: call it through ``asyncio.to_thread``."""
-    if limit <= 0 or len(png) <= limit:
-        return png, "png"
-    from PIL import Image
-
-    with Image.open(io.BytesIO(png)) as opened:
-        image = opened.convert("RGB")
-    for scale in (1.0, 0.75, 0.5, 0.35, 0.25, 0.15, 0.1):
-        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        scaled = image if scale == 1.0 else image.resize(size, Image.Resampling.LANCZOS)
-        for fmt, quality in (("WEBP", 90), ("JPEG", 90), ("WEBP", 70), ("JPEG", 70)):
-            buffer = io.BytesIO()
-            scaled.save(buffer, format=fmt, quality=quality)
-            if buffer.tell() <= limit:
-                return buffer.getvalue(), "webp" if fmt == "WEBP" else "jpg"
-    raise ImageTooLarge(f"no encoding fits in {limit} bytes")

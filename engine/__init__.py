@@ -2,7 +2,7 @@
 
 from engine.config import (
     HIDDEN,
-    STAGES,
+    STAGES as ROUTER_STAGES,
     Config,
     ModelSpec,
     SafetyConfig,
@@ -26,6 +26,7 @@ from engine.errors import (
     QueueFullError,
     RequestError,
 )
+from engine.history import HistoryStore, ModelStats, StoredJob
 from engine.jobs import (
     EngineEvent,
     GenerationParams,
@@ -46,7 +47,13 @@ from engine.jobs import (
     Requester,
     Timings,
 )
+from engine.history import HistoryStore, ModelStats, StoredJob
+from engine.router import CascadeRouter
+from engine.router import evaluate as evaluate_router
+from engine.router import format_report as format_router_report
+from engine.router import read_examples as read_router_examples
 from engine.safety import BlankImageError, ImageRefusedError, UnsafeContentError
+from engine.tiny import ensure_tiny_models
 
 __all__ = [
     "Config", "ConfigError", "Engine", "EngineError", "GenerationError", "GenerationParams", "JobCancelled",
@@ -54,7 +61,13 @@ __all__ = [
     "JobRequest", "JobResult", "JobStarted", "JobStatus", "ModelLoadError", "ModelSpec", "Origin",
     "OutOfMemoryError", "QueueEntry", "QueueFullError", "RequestError", "Requester", "Timings", "load_config",
     "with_tiny_models", "BlankImageError", "ImageRefusedError", "SafetyConfig", "UnsafeContentError",
-    "DataFolderBusyError", "EngineClosedError", "EngineEvent", "QueueMoved", "QueuePlace", "MAX_SEED",
-    "describe_models",
-    "HIDDEN", "STAGES", "SettingsModel", "Text", "broken", "validate_table",
+    "DataFolderBusyError", "EngineClosedError", "EngineEvent", "QueueMoved", "QueuePlace",
+    # config's building blocks (bot/settings.py reads its own tables with them)
+    "HIDDEN", "SettingsModel", "Text", "broken", "validate_table",
+    # the history the CLI and the adapters read
+    "HistoryStore", "ModelStats", "StoredJob",
+    # what the bot shows or checks: the model table, the seed bound, the tiny profile's models
+    "describe_models", "MAX_SEED", "ensure_tiny_models",
+    # the router on its own: `promptpics route` and `promptpics eval-router`
+    "CascadeRouter", "ROUTER_STAGES", "evaluate_router", "format_router_report", "read_router_examples",
 ]

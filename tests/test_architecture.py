@@ -40,7 +40,7 @@ def test_only_pipelines_and_tiny_import_diffusers() -> None:
 
 def test_importing_the_engine_and_the_cli_loads_no_torch() -> None:
     # Nothing runs at import time: the bot must start answering before torch is even imported.
-    code = "import sys, engine, bot.__main__; print(sorted(m for m in sys.modules if m.split('.')[0] in %r))" % TORCH_WORLD
+    code = "import sys, engine, bot.cli; print(sorted(m for m in sys.modules if m.split('.')[0] in %r))" % TORCH_WORLD
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from bot.__main__ import build_parser
+from bot.cli import build_parser
 from tests.conftest import REPO, promptpics
 
 # The smallest valid arguments of each subcommand.
@@ -103,7 +103,7 @@ async def busy(self):
     raise DataFolderBusyError(str(self.config.data_dir), 4242, "2026-12-01 10:00:00")
 
 Engine.__aenter__ = busy
-from bot.__main__ import main
+from bot.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

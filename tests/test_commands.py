@@ -29,7 +29,8 @@ from bot.commands import (
     Submitted,
     parse_imagine_text,
 )
-from bot.delivery import Delivery, MessageGone, MessageRef, Picture, fit_image_blocking
+from bot.delivery import Delivery
+from bot.outlet import MessageGone, MessageRef, Picture, fit_image_blocking
 from bot.settings import BotSettings, load_settings, parse_bot_settings, parse_discord_settings
 from engine import (
     Config,

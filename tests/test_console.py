@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from bot.cli_bot import chat
+from bot.cli.serve import chat
 from bot.settings import BotSettings, DiscordSettings, Settings
 from engine import Config, JobStatus
 from engine.history import HistoryStore

@@ -24,8 +24,8 @@ import pytest
 from discord.gateway import DiscordWebSocket
 from PIL import Image
 
-from bot.cli_bot import BotCore, admin_policies, build_core, cmd_sync_commands, serve, serve_apps
-from bot.discord_app import DiscordApp, sync_commands
+from bot.cli.serve import BotCore, admin_policies, build_core, cmd_sync_commands, serve, serve_apps
+from bot.discord import DiscordApp, sync_commands
 from bot.settings import BotSettings, DiscordSettings, Settings
 from engine import Config, Engine, GenerationParams, JobCancelled, JobProgressed, JobRequest, JobStatus, Origin, Requester
 from engine.history import HistoryStore

@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from bot.console_app import ConsoleOutlet
-from bot.delivery import MessageRef, Picture, PreviewPicture
+from bot.console import ConsoleOutlet
+from bot.outlet import MessageRef, Picture, PreviewPicture
 from engine import Config, Engine, JobFinished, JobQueued, JobRequest, JobStarted
 from engine.config import PreviewSettings, parse_config, validate_table
 from engine.core.plan import CostBook, Fit, fit_costs, work_units

@@ -381,7 +381,7 @@ async def test_offline_stages_meet_the_targets(tiny_config: Config, path: Path) 
 def router_cli(*argv: str) -> Any:
     import argparse
 
-    from bot.cli_router import add_router_commands
+    from bot.cli.router import add_router_commands
 
     parser = argparse.ArgumentParser(prog="promptpics")
     add_router_commands(parser.add_subparsers(dest="command", required=True))

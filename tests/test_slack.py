@@ -26,10 +26,10 @@ import pytest
 from discord.gateway import DiscordWebSocket
 from PIL import Image
 
-from bot.cli_bot import BotCore, admin_policies, build_core, platform_apps, serve, serve_apps
+from bot.cli.serve import BotCore, admin_policies, build_core, platform_apps, serve, serve_apps
 from bot.settings import BotSettings, DiscordSettings, Settings, SlackSettings, load_settings, parse_slack_settings
-from bot.slack_app import SlackApp
-from bot.slack_outlet import RetryPolicy, slack_text, unescape
+from bot.slack import SlackApp
+from bot.slack.outlet import CappedBackoff, ServerErrorRetry, retry_after_s, slack_text, unescape
 from engine import Config, ConfigError, GenerationParams, JobRequest, JobStatus, Origin, Requester
 from engine.history import HistoryStore
 from engine.images import read_png_metadata
@@ -393,13 +393,23 @@ async def test_rate_limits_and_server_errors_are_retried(fake: FakeSlack, config
     assert Image.open(io.BytesIO(png_of(fake, result))).format == "PNG"
 
 
-def test_retry_policy_waits_what_retry_after_says_and_backs_off_on_server_errors() -> None:
+async def test_retries_wait_what_retry_after_says_and_back_off_on_server_errors() -> None:
+    from slack_sdk.http_retry.request import HttpRequest
     from slack_sdk.http_retry.response import HttpResponse
+    from slack_sdk.http_retry.state import RetryState
 
-    policy = RetryPolicy(max_retries=4, backoff_s=0.5)
-    assert policy.wait_s(0, HttpResponse(status_code=429, headers={"Retry-After": ["7"]})) == 7.0
-    assert [policy.wait_s(n, HttpResponse(status_code=503, headers={})) for n in range(3)] == [0.5, 1.0, 2.0]
-    assert policy.wait_s(20, HttpResponse(status_code=500, headers={})) == 120.0
+    assert retry_after_s(HttpResponse(status_code=429, headers={"Retry-After": ["7"]})) == 7.0
+    assert retry_after_s(HttpResponse(status_code=429, headers={"retry-after": ["3600"]})) == 120.0
+    backoff = CappedBackoff(0.5)
+    assert [backoff.calculate_sleep_duration(n) for n in range(3)] == [0.5, 1.0, 2.0]
+    assert backoff.calculate_sleep_duration(20) == 120.0
+    # slack_sdk's own server-error handler retries 500 and 503 only; Slack's gateways also answer 502 and 504.
+    retry = ServerErrorRetry(max_retries=4, backoff_s=0.5)
+    request = HttpRequest(method="POST", url="https://slack.test/api/chat.postMessage", headers={})
+    answers = {code: await retry.can_retry_async(state=RetryState(), request=request,
+                                                 response=HttpResponse(status_code=code, headers={}))
+               for code in (500, 502, 503, 504, 429, 400)}
+    assert answers == {500: True, 502: True, 503: True, 504: True, 429: False, 400: False}
 
 
 async def test_a_channel_the_bot_cannot_post_in_gets_an_actionable_reply_and_no_job_runs(fake: FakeSlack,

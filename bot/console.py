@@ -21,9 +21,9 @@ from typing import TextIO
 
 from bot import messages
 from bot.commands import Actor, AdminPolicy, Commands, Reply, Submitted
-from bot.delivery import Delivery, MessageRef, Picture, PreviewPicture
-from engine import JobStatus, Origin
-from engine.history import StoredJob
+from bot.delivery import Delivery
+from bot.outlet import MessageRef, Picture, PreviewPicture
+from engine import JobStatus, Origin, StoredJob
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ ADMINS = AdminPolicy(everyone=True)  # whoever holds the terminal owns the machi
 
 
 class ConsoleOutlet:
-    """Prints a job's status lines and the path of its PNG (``delivery.Outlet``). Previews are
+    """Prints a job's status lines and the path of its PNG (``outlet.Outlet``). Previews are
     written to ``previews_dir/<job id>-preview.jpg`` (overwritten as the job goes on, removed
     once the image is there) and their path printed; without a folder they are not shown."""
 

@@ -10,84 +10,19 @@ text options, reactions.
 from __future__ import annotations
 
 import asyncio
-import enum
-import math
-import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 
 from bot import messages
+from bot.commands.cooldowns import Cooldowns
+from bot.commands.data import Actor, AdminPolicy, ImagineOptions, Outcome, Reply, Submitted
+from bot.commands.options import OptionError, parse_imagine_text, text_usage
+from bot.commands.reactions import ReactionAction, ReactionKind, normalise_emoji
 from bot.settings import BotSettings
-from engine import Config, Engine, EngineError, JobHandle, JobRequest, Origin, Requester
-from engine.history import StoredJob
-from engine import describe_models
+from engine import Config, Engine, EngineError, Origin, StoredJob, describe_models
 
-# -- plain data ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Actor:
-    """Who is asking: plain strings from the platform, role ids where the platform has roles."""
-
-    platform: str
-    user_id: str
-    display_name: str = ""
-    role_ids: frozenset[str] = frozenset()
-
-    @property
-    def requester(self) -> Requester:
-        return Requester(platform=self.platform, user_id=self.user_id, display_name=self.display_name)
-
-
-@dataclass(frozen=True, slots=True)
-class AdminPolicy:
-    """Who may run admin commands on one platform: listed user ids or role ids (or everyone)."""
-
-    user_ids: frozenset[str] = frozenset()
-    role_ids: frozenset[str] = frozenset()
-    everyone: bool = False  # the terminal: whoever holds it owns the machine
-
-    def allows(self, actor: Actor) -> bool:
-        return self.everyone or actor.user_id in self.user_ids or bool(actor.role_ids & self.role_ids)
-
-
-@dataclass(frozen=True, slots=True)
-class ImagineOptions:
-    """/imagine's options as the user gave them; ``None`` means "use the default"."""
-
-    prompt: str
-    model: str | None = None
-    negative: str | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    width: int | None = None
-    height: int | None = None
-    seed: int | None = None
-
-    def request(self, actor: Actor, origin: Origin, *, nsfw_allowed: bool = False) -> JobRequest:
-        return JobRequest(prompt=self.prompt, model=self.model, negative_prompt=self.negative, steps=self.steps,
-                          guidance=self.guidance, width=self.width, height=self.height, seed=self.seed,
-                          requester=actor.requester, origin=origin, nsfw_allowed=nsfw_allowed)
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """Text for the one who asked (adapters show it privately where they can)."""
-
-    text: str
-    ok: bool = True  # False: refused or failed; the terminal's exit status counts these
-    image_path: str | None = None  # /show: the job's PNG, for adapters that attach it
-    delete_target: bool = False  # a reaction asked to delete the message it was put on
-
-
-@dataclass(frozen=True, slots=True)
-class Submitted:
-    handle: JobHandle
-    reply: Reply
-
-
-Outcome = Submitted | Reply
+# -- the catalogue -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,176 +46,6 @@ CATALOGUE: tuple[CommandSpec, ...] = (
     CommandSpec("unload", "/unload MODEL", "free a model's memory", admin=True),
     CommandSpec("help", "/help", "this list"),
 )
-
-
-# -- text options: `/imagine a fox --steps 4 --size 512x512 --no blur` --------------------------
-
-
-class OptionError(ValueError):
-    """A text option that cannot be read; ``str(exc)`` is the sentence for the user."""
-
-
-TEXT_FLAGS: dict[str, str] = {
-    "--model": "ID (auto or a model id)",
-    "--steps": "N (whole number)",
-    "--guidance": "G (number)",
-    "--size": "WxH (e.g. 512x768)",
-    "--width": "W (pixels)",
-    "--height": "H (pixels)",
-    "--seed": "S (whole number)",
-    "--no": "TEXT (what the image should not show; may be several words)",
-}
-_FLAG_ALIASES = {"--negative": "--no", "--neg": "--no", "--ar": "--size"}
-_DASHES = ("—", "–", "−")  # phones and Slack turn "--" into an em dash
-_SIZE = re.compile(r"(\d+)\s*[x×X*]\s*(\d+)")
-
-
-def text_usage() -> str:
-    flags = "; ".join(f"{flag} {what}" for flag, what in TEXT_FLAGS.items())
-    return f"Usage: /imagine PROMPT [options]. Options: {flags}."
-
-
-def _as_flag(token: str) -> str | None:
-    """'--steps', '—steps' or '--steps=4' -> '--steps'; a plain word -> None."""
-    word = token.split("=", 1)[0].lower()
-    for dash in _DASHES:
-        if word.startswith(dash) and len(word) > 1:
-            word = "--" + word[1:]
-    if not word.startswith("--") or len(word) < 3:
-        return None
-    return _FLAG_ALIASES.get(word, word)
-
-
-def parse_imagine_text(text: str) -> ImagineOptions:
-    """The words are the prompt; each flag takes one value, except --no, which takes every
-    word up to the next flag. Unknown flags and unreadable values raise OptionError."""
-    tokens = text.split()
-    prompt: list[str] = []
-    values: dict[str, str] = {}
-    i = 0
-    while i < len(tokens):
-        token = tokens[i]
-        flag = _as_flag(token)
-        if flag is None:
-            prompt.append(token)
-            i += 1
-            continue
-        if flag not in TEXT_FLAGS:
-            raise OptionError(f"`{token.split('=', 1)[0]}` is not an option I know.")
-        inline = token.split("=", 1)[1] if "=" in token else None
-        taken = [inline] if inline else []
-        i += 1
-        while i < len(tokens) and _as_flag(tokens[i]) is None and (not taken or flag == "--no"):
-            taken.append(tokens[i])
-            i += 1
-        if not taken:
-            raise OptionError(f"`{flag}` needs a value: {flag} {TEXT_FLAGS[flag]}.")
-        if flag in values:
-            raise OptionError(f"`{flag}` is given twice.")
-        values[flag] = _unquote(" ".join(taken))
-    return _options_from_text(_unquote(" ".join(prompt)), values)
-
-
-def _options_from_text(prompt: str, values: Mapping[str, str]) -> ImagineOptions:
-    width = _whole(values, "--width")
-    height = _whole(values, "--height")
-    if "--size" in values:
-        match = _SIZE.fullmatch(values["--size"].strip())
-        if not match:
-            raise OptionError(f"`--size` is {values['--size']!r}, but it must look like 512x768.")
-        width, height = int(match[1]), int(match[2])
-    guidance = _read(values, "--guidance", float, "a number")
-    return ImagineOptions(prompt=prompt, model=values.get("--model"), negative=values.get("--no"),
-                          steps=_whole(values, "--steps"), guidance=None if guidance is None else float(guidance),
-                          width=width, height=height, seed=_whole(values, "--seed"))
-
-
-def _whole(values: Mapping[str, str], flag: str) -> int | None:
-    value = _read(values, flag, int, "a whole number")
-    return None if value is None else int(value)
-
-
-def _read(values: Mapping[str, str], flag: str, kind: Callable[[str], int | float], what: str) -> int | float | None:
-    if flag not in values:
-        return None
-    try:
-        return kind(values[flag])
-    except ValueError:
-        raise OptionError(f"`{flag}` is {values[flag]!r}, but it must be {what}.") from None
-
-
-def _unquote(text: str) -> str:
-    text = text.strip()
-    for left, right in (('"', '"'), ("'", "'"), ("“", "”")):
-        if len(text) >= 2 and text.startswith(left) and text.endswith(right):
-            return text[1:-1].strip()
-    return text
-
-
-# -- reactions -----------------------------------------------------------------------------------
-
-
-class ReactionKind(enum.Enum):
-    REGENERATE = "regenerate"
-    SWITCH_MODEL = "switch"
-    CANCEL = "cancel"
-
-
-@dataclass(frozen=True, slots=True)
-class ReactionAction:
-    kind: ReactionKind
-    model_id: str | None = None  # SWITCH_MODEL only
-
-
-def normalise_emoji(emoji: str) -> str:
-    """Clients add or drop the variation selector (U+FE0F); compare without it."""
-    return emoji.replace("\ufe0f", "").strip()
-
-
-# -- ETA -----------------------------------------------------------------------------------------
-
-
-# -- cooldown ------------------------------------------------------------------------------------
-
-
-class Cooldowns:
-    """One job per ``every_s`` per user; only submitted jobs count."""
-
-    def __init__(self, every_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.every_s, self._clock = every_s, clock
-        self._last: dict[tuple[str, str], float] = {}
-
-    def wait_s(self, actor: Actor) -> float:
-        last = self._last.get((actor.platform, actor.user_id))
-        return 0.0 if last is None else max(0.0, self.every_s - (self._clock() - last))
-
-    def take(self, actor: Actor) -> tuple[float, float | None]:
-        """Check and set in one step (no await between: rule 6): ``(0.0, token)`` when the user
-        may go now — the cooldown runs from now — else ``(seconds to wait, None)``. Give the
-        token back with ``give_back`` if the job is then not accepted."""
-        wait = self.wait_s(actor)
-        if wait > 0:
-            return wait, None
-        key = (actor.platform, actor.user_id)
-        previous = self._last.get(key)
-        self.note(actor)
-        return 0.0, previous if previous is not None else -math.inf
-
-    def give_back(self, actor: Actor, token: float | None) -> None:
-        """Undo ``take``: the submit it allowed was refused, so it does not count."""
-        if token is None:
-            return
-        key = (actor.platform, actor.user_id)
-        if token == -math.inf:
-            self._last.pop(key, None)
-        else:
-            self._last[key] = token
-
-    def note(self, actor: Actor) -> None:
-        now = self._clock()
-        if len(self._last) > 10_000:  # forget users whose cooldown is long over
-            self._last = {k: t for k, t in self._last.items() if now - t < self.every_s}
-        self._last[(actor.platform, actor.user_id)] = now
 
 
 # -- the commands --------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The Slack adapter (slack-bolt AsyncApp): slash commands and reactions in, jobs out through
-``SlackOutlet`` (bot/slack_outlet.py). Socket Mode by default; HTTP mode on request.
+``SlackOutlet`` (bot/slack/outlet.py). Socket Mode by default; HTTP mode on request.
 
 Rules of the platform this file follows:
 
@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
+from cachetools import LRUCache
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncApp
@@ -42,9 +42,16 @@ from bot.commands import (
     text_usage,
 )
 from bot.settings import SlackSettings
-from bot.slack_outlet import PLATFORM, SlackOutlet, configure_client, error_code, remember, slack_text, unescape
-from engine import Origin
-from engine.history import StoredJob
+from bot.slack.outlet import (
+    PLATFORM,
+    REMEMBERED,
+    SlackOutlet,
+    configure_client,
+    error_code,
+    slack_text,
+    unescape,
+)
+from engine import Origin, StoredJob
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +95,9 @@ class SlackApp:
         self.bot_name = "PromptPics"  # replaced by the bot user's name from auth.test
         self.bot_user_id = ""
         self.http_port: int | None = None  # HTTP mode: the port listened on (the configured one, or a free one for 0)
-        self._seen: OrderedDict[str, None] = OrderedDict()
-        self._responders: OrderedDict[str, str] = OrderedDict()  # job id -> its /imagine's response_url
-        self._notices: OrderedDict[str, str] = OrderedDict()  # job id -> why its channel refused it
+        self._seen: LRUCache[str, None] = LRUCache(maxsize=REMEMBERED)  # "event:<id>", "command:<trigger_id>"
+        self._responders: LRUCache[str, str] = LRUCache(maxsize=REMEMBERED)  # job id -> its /imagine's response_url
+        self._notices: LRUCache[str, str] = LRUCache(maxsize=REMEMBERED)  # job id -> why its channel refused it
         self._socket: AsyncSocketModeHandler | None = None
         self._runner: web.AppRunner | None = None
         self._closed = asyncio.Event()
@@ -223,7 +230,7 @@ class SlackApp:
         if job_id in self._notices:
             await self._respond(respond, self._notices[job_id])
         elif url := str(body.get("response_url") or ""):
-            remember(self._responders, job_id, url)
+            self._responders[job_id] = url
 
     async def _respond(self, respond: Any, text: str) -> None:
         try:
@@ -290,7 +297,7 @@ class SlackApp:
     async def _cannot_post(self, job: StoredJob, error: str) -> None:
         """The job's channel refused a message: cancel the job (it would run for nobody) and say why."""
         notice = messages.cannot_post_here(error, self.bot_name)
-        remember(self._notices, job.id, notice)
+        self._notices[job.id] = notice
         log.warning("job %s: Slack refused channel %s (%s); cancelling it", job.id, job.origin.channel_id, error)
         await self.commands.engine.cancel(job.id)
         if (url := self._responders.pop(job.id, None)) is not None:
@@ -307,7 +314,7 @@ class SlackApp:
         if name in self._seen:
             log.info("slack: ignoring a repeated %s %s", kind, key)
             return True
-        remember(self._seen, name, None)
+        self._seen[name] = None
         return False
 
     async def _on_error(self, error: Exception, body: dict[str, Any]) -> None:

@@ -13,12 +13,18 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from engine import Config
-
-if TYPE_CHECKING:
-    from engine.router import CascadeRouter
+from bot.cli.profile import prepare
+from engine import (
+    ROUTER_STAGES,
+    CascadeRouter,
+    Config,
+    ConfigError,
+    evaluate_router,
+    format_router_report,
+    read_router_examples,
+)
 
 # `route` is one-shot: its first LLM call includes loading the LLM (seconds to minutes), which
 # the bot does once at start-up. Allow for that instead of the bot's per-prompt timeout.
@@ -44,35 +50,21 @@ def add_router_commands(subparsers: Any) -> None:
     evaluate.set_defaults(run=cmd_eval_router)
 
 
-def _prepare(config: Config) -> Config:
-    from bot.__main__ import prepare  # here, not at the top: bot.__main__ imports this module
-
-    return prepare(config)
-
-
 def _with_stages(config: Config, stages: str | None) -> Config:
-    from engine import STAGES, ConfigError
-
     if not stages:
         return config
     chosen = [s.strip() for s in stages.split(",") if s.strip()]
-    if not chosen or any(s not in STAGES for s in chosen):
-        raise ConfigError("--stages", stages, f"it must list stages from {', '.join(STAGES)}, comma-separated")
-    ordered = tuple(s for s in STAGES if s in chosen)  # they always run in this order
+    if not chosen or any(s not in ROUTER_STAGES for s in chosen):
+        raise ConfigError("--stages", stages, f"it must list stages from {', '.join(ROUTER_STAGES)}, comma-separated")
+    ordered = tuple(s for s in ROUTER_STAGES if s in chosen)  # they always run in this order
     return config.model_copy(update={"router": config.router.model_copy(update={"stages": ordered})})
 
 
-def _router(config: Config) -> CascadeRouter:
-    from engine.router import CascadeRouter
-
-    return CascadeRouter(config)
-
-
 async def cmd_route(config: Config, args: argparse.Namespace) -> int:
-    config = _with_stages(await asyncio.to_thread(_prepare, config), args.stages)
+    config = _with_stages(await asyncio.to_thread(prepare, config), args.stages)
     timeout = max(config.router.llm_timeout_s, ONE_SHOT_LLM_TIMEOUT_S)
     config = config.model_copy(update={"router": config.router.model_copy(update={"llm_timeout_s": timeout})})
-    async with _router(config) as router:
+    async with CascadeRouter(config) as router:
         started = time.perf_counter()
         decision = await router.route(args.prompt)
         total_ms = (time.perf_counter() - started) * 1000
@@ -100,28 +92,26 @@ async def cmd_route(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_eval_router(config: Config, args: argparse.Namespace) -> int:
-    from engine.router import evaluate, format_report, read_examples
-
-    config = _with_stages(await asyncio.to_thread(_prepare, config), args.stages)
+    config = _with_stages(await asyncio.to_thread(prepare, config), args.stages)
     model_ids = list(config.models)
     try:
-        examples = await asyncio.to_thread(read_examples, args.file, model_ids)
+        examples = await asyncio.to_thread(read_router_examples, args.file, model_ids)
     except OSError as exc:
         print(f"promptpics: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
         return 2
     if not examples:
         print(f"promptpics: {args.file} holds no prompts", file=sys.stderr)
         return 2
-    async with _router(config) as router:
+    async with CascadeRouter(config) as router:
         await router.warm_up()  # loading is not routing: keep it out of the latency figures
-        report = await evaluate(router, examples, model_ids)
+        report = await evaluate_router(router, examples, model_ids)
         report["stages"] = list(config.router.stages)
         report["stages_off"] = router.stages_off
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
         return 0
     print(f"{args.file.name}, stages: {', '.join(config.router.stages)}")
-    print(format_report(report, model_ids))
+    print(format_router_report(report, model_ids))
     for stage, why in report["stages_off"].items():
         print(f"{stage} stage off: {why}", file=sys.stderr)
     return 0

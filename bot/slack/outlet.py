@@ -1,4 +1,4 @@
-"""How jobs look in Slack: the ``delivery.Outlet`` that posts statuses and images with the bot
+"""How jobs look in Slack: the ``outlet.Outlet`` that posts statuses and images with the bot
 token, the text escaping both directions, and the Web API client's retry manners.
 
 - Slack escapes ``&``, ``<`` and ``>`` in what users type; text we post is escaped the same way,
@@ -6,7 +6,8 @@ token, the text escaping both directions, and the Web API client's retry manners
 - The image goes up with files_upload_v2 (``files.upload`` is retired) as a reply in the status
   message's thread. files.completeUploadExternal does not say which message shows the file:
   files.info ``shares`` does, once Slack has shared it (asynchronously, so it is polled briefly).
-- A 429 is retried after its Retry-After; 500/502/503/504 with exponential backoff.
+- A 429 is retried after its Retry-After; 500/502/503/504 with exponential backoff (slack_sdk's
+  retry handlers, narrowed below).
 - A channel that refuses the bot (``not_in_channel``, ...) is reported once per job to the
   adapter, which cancels the job and tells the requester what to do.
 """
@@ -15,13 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
+from cachetools import LRUCache
 from slack_sdk.errors import SlackApiError
-from slack_sdk.http_retry.async_handler import AsyncRetryHandler
-from slack_sdk.http_retry.builtin_async_handlers import AsyncConnectionErrorRetryHandler
+from slack_sdk.http_retry.builtin_async_handlers import (
+    AsyncConnectionErrorRetryHandler,
+    AsyncRateLimitErrorRetryHandler,
+    AsyncServerErrorRetryHandler,
+)
+from slack_sdk.http_retry.builtin_interval_calculators import BackoffRetryIntervalCalculator
+from slack_sdk.http_retry.jitter import Jitter
 from slack_sdk.http_retry.request import HttpRequest
 from slack_sdk.http_retry.response import HttpResponse
 from slack_sdk.http_retry.state import RetryState
@@ -29,9 +35,9 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import messages
 from bot.commands import normalise_emoji
-from bot.delivery import MessageGone, MessageRef, Picture
+from bot.outlet import MessageGone, MessageRef, Picture
 from bot.settings import SlackSettings
-from engine.history import StoredJob
+from engine import StoredJob
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,7 @@ CHANNEL_ERRORS = frozenset({"not_in_channel", "channel_not_found", "is_archived"
                             "restricted_action_non_threadable_channel", "team_access_not_granted"})
 SHARE_WAITS_S = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # files.info polls until the upload shows as shared
 REMEMBERED = 2000  # bounded per-job and per-event memories
+MAX_WAIT_S = 120.0  # the longest a Web API call waits before its retry, whatever Slack says
 
 
 class ChannelUnavailable(Exception):
@@ -70,57 +77,90 @@ def error_code(exc: SlackApiError) -> str:
     return str((exc.response.get("error") if exc.response is not None else None) or "unknown_error")
 
 
-def remember(store: OrderedDict[str, Any], key: str, value: Any) -> None:
-    """``store[key] = value``, forgetting the oldest entries past REMEMBERED."""
-    store[key] = value
-    store.move_to_end(key)
-    while len(store) > REMEMBERED:
-        store.popitem(last=False)
-
-
 # -- the Web API client ------------------------------------------------------------------------
 
 
-class RetryPolicy(AsyncRetryHandler):
-    """429: wait what Retry-After says; 500/502/503/504: wait ``backoff_s``, doubling each time."""
+# slack_sdk's own retry handlers, each narrowed where it would change what the bot does today:
+# its 429 handler sleeps whatever Retry-After says (no cap) plus up to 1 s of jitter and fails on a
+# value that is not a whole number; its 5xx handler retries 500 and 503 only; its backoff adds
+# up to 1 s of jitter to every wait. One retry count covers them all (slack_sdk's RetryState).
 
-    SERVER_ERRORS = frozenset({500, 502, 503, 504})
 
-    def __init__(self, max_retries: int, backoff_s: float, *, max_wait_s: float = 120.0) -> None:
+class CappedBackoff(BackoffRetryIntervalCalculator):
+    """``backoff_s`` doubling with each attempt, at most ``max_wait_s``, without slack_sdk's jitter."""
+
+    def __init__(self, backoff_s: float, max_wait_s: float = MAX_WAIT_S) -> None:
+        super().__init__(backoff_factor=backoff_s, jitter=_NoJitter())
+        self.max_wait_s = max_wait_s
+
+    def calculate_sleep_duration(self, current_attempt: int) -> float:
+        return min(super().calculate_sleep_duration(current_attempt), self.max_wait_s)
+
+
+class _NoJitter(Jitter):
+    def recalculate(self, duration: float) -> float:
+        return duration
+
+
+class RateLimitRetry(AsyncRateLimitErrorRetryHandler):
+    """429: wait what Retry-After says, at most ``max_wait_s`` (1 s when the header is unreadable)."""
+
+    def __init__(self, max_retries: int, *, max_wait_s: float = MAX_WAIT_S) -> None:
         super().__init__(max_retry_count=max_retries)
-        self.backoff_s, self.max_wait_s = backoff_s, max_wait_s
-
-    async def _can_retry_async(self, *, state: RetryState, request: HttpRequest, response: HttpResponse | None = None,
-                               error: Exception | None = None) -> bool:
-        return response is not None and (response.status_code == 429 or response.status_code in self.SERVER_ERRORS)
+        self.max_wait_s = max_wait_s
 
     async def prepare_for_next_attempt_async(self, *, state: RetryState, request: HttpRequest,
                                              response: HttpResponse | None = None, error: Exception | None = None) -> None:
-        assert response is not None
-        wait = self.wait_s(state.current_attempt, response)
-        # The method name only: an upload URL is itself a credential for the file.
-        what = request.url.split("?")[0].rsplit("/api/", 1)[-1] if "/api/" in request.url else "a file upload"
-        log.info("slack: %s answered %d; retrying in %.1f s", what, response.status_code, wait)
+        if response is None:  # _can_retry_async asks for a 429 response: cannot happen
+            raise error or RuntimeError("a rate-limit retry without a response")
+        wait = retry_after_s(response, self.max_wait_s)
+        _log_retry(request, response, wait)
         state.next_attempt_requested = True
         await asyncio.sleep(wait)
         state.increment_current_attempt()
 
-    def wait_s(self, attempt: int, response: HttpResponse) -> float:
-        if response.status_code == 429:
-            values = next((v for k, v in response.headers.items() if k.lower() == "retry-after"), None)
-            value = values[0] if isinstance(values, list) and values else values
-            try:
-                return min(max(float(str(value)), 0.0), self.max_wait_s)
-            except ValueError:
-                return 1.0  # Slack always sends Retry-After; just in case
-        return min(self.backoff_s * 2**attempt, self.max_wait_s)
+
+class ServerErrorRetry(AsyncServerErrorRetryHandler):
+    """500/502/503/504: wait ``backoff_s``, doubling each time (``CappedBackoff``)."""
+
+    SERVER_ERRORS = frozenset({500, 502, 503, 504})
+
+    def __init__(self, max_retries: int, backoff_s: float, *, max_wait_s: float = MAX_WAIT_S) -> None:
+        super().__init__(max_retry_count=max_retries, interval_calculator=CappedBackoff(backoff_s, max_wait_s))
+
+    async def _can_retry_async(self, *, state: RetryState, request: HttpRequest, response: HttpResponse | None = None,
+                               error: Exception | None = None) -> bool:
+        return response is not None and response.status_code in self.SERVER_ERRORS
+
+    async def prepare_for_next_attempt_async(self, *, state: RetryState, request: HttpRequest,
+                                             response: HttpResponse | None = None, error: Exception | None = None) -> None:
+        if response is not None:
+            _log_retry(request, response, self.interval_calculator.calculate_sleep_duration(state.current_attempt))
+        await super().prepare_for_next_attempt_async(state=state, request=request, response=response, error=error)
+
+
+def retry_after_s(response: HttpResponse, max_wait_s: float = MAX_WAIT_S) -> float:
+    """A 429's Retry-After in seconds, between 0 and ``max_wait_s``."""
+    values = next((v for k, v in response.headers.items() if k.lower() == "retry-after"), None)
+    value = values[0] if isinstance(values, list) and values else values
+    try:
+        return min(max(float(str(value)), 0.0), max_wait_s)
+    except ValueError:
+        return 1.0  # Slack always sends Retry-After; just in case
+
+
+def _log_retry(request: HttpRequest, response: HttpResponse, wait: float) -> None:
+    # The method name only: an upload URL is itself a credential for the file.
+    what = request.url.split("?")[0].rsplit("/api/", 1)[-1] if "/api/" in request.url else "a file upload"
+    log.info("slack: %s answered %d; retrying in %.1f s", what, response.status_code, wait)
 
 
 def configure_client(client: AsyncWebClient, settings: SlackSettings) -> AsyncWebClient:
     """Point bolt's Web API client at SLACK_API_URL and retry 429s and 5xx (both plain attributes)."""
     client.base_url = settings.api_url
     client.retry_handlers = [AsyncConnectionErrorRetryHandler(),
-                             RetryPolicy(settings.max_retries, settings.retry_backoff_s)]
+                             RateLimitRetry(settings.max_retries),
+                             ServerErrorRetry(settings.max_retries, settings.retry_backoff_s)]
     return client
 
 
@@ -128,7 +168,7 @@ def configure_client(client: AsyncWebClient, settings: SlackSettings) -> AsyncWe
 
 
 class SlackOutlet:
-    """Shows jobs in Slack with the bot token (``delivery.Outlet``).
+    """Shows jobs in Slack with the bot token (``outlet.Outlet``).
 
     No ``edit_status_with_preview``, on purpose: chat.update cannot attach a file, and showing a
     preview would take an upload (three calls, a new file) plus an edit per preview, against
@@ -143,7 +183,7 @@ class SlackOutlet:
         self._client, self._on_channel_error = client, on_channel_error
         self._names = {normalise_emoji(e): n for e, n in emoji_names.items()}
         self._emojis = {n: e for e, n in reversed(list(self._names.items()))}
-        self._unreachable: OrderedDict[str, str] = OrderedDict()  # job id -> Slack's refusal: no more calls
+        self._unreachable: LRUCache[str, str] = LRUCache(maxsize=REMEMBERED)  # job id -> Slack's refusal: no more calls
 
     def mention(self, user_id: str) -> str:
         return f"<@{user_id}>"
@@ -163,7 +203,7 @@ class SlackOutlet:
         except SlackApiError as exc:
             if error_code(exc) not in CHANNEL_ERRORS:
                 raise
-            remember(self._unreachable, job.id, error_code(exc))
+            self._unreachable[job.id] = error_code(exc)
             await self._on_channel_error(job, error_code(exc))
             raise ChannelUnavailable(f"job {job.id}: Slack refused the channel: {error_code(exc)}") from None
 

@@ -16,13 +16,14 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TextIO
 
+from bot.cli.profile import prepare
 from bot.commands import AdminPolicy, Commands
-from bot.console_app import ADMINS as CONSOLE_ADMINS
-from bot.console_app import ConsoleApp
-from bot.delivery import Delivery, Outlet
+from bot.console import ADMINS as CONSOLE_ADMINS
+from bot.console import ConsoleApp
+from bot.delivery import Delivery
+from bot.outlet import Outlet
 from bot.settings import Settings, load_settings
-from engine import Config, Engine
-from engine.history import HistoryStore
+from engine import Config, Engine, HistoryStore
 
 log = logging.getLogger(__name__)
 
@@ -82,18 +83,12 @@ class PlatformApp(Protocol):
     async def close(self) -> None: ...
 
 
-def _prepare(config: Config) -> Config:
-    from bot.__main__ import prepare  # here, not at the top: bot.__main__ imports this module
-
-    return prepare(config)
-
-
 # -- promptpics chat -----------------------------------------------------------------------------
 
 
 async def cmd_chat(config: Config, args: argparse.Namespace) -> int:
     settings = load_settings(config, os.environ)
-    config = await asyncio.to_thread(_prepare, config)
+    config = await asyncio.to_thread(prepare, config)
     return await chat(config, settings)
 
 
@@ -127,7 +122,7 @@ async def cmd_run(config: Config, args: argparse.Namespace) -> int:
     if not settings.platforms_with_tokens:
         print(NO_TOKEN, file=sys.stderr)
         return 2
-    config = await asyncio.to_thread(_prepare, config)
+    config = await asyncio.to_thread(prepare, config)
     return await serve(config, settings)
 
 
@@ -135,18 +130,18 @@ def platform_apps(core: BotCore, settings: Settings) -> list[PlatformApp]:
     """Every platform whose tokens are set, all on ``core``: one engine, one queue."""
     apps: list[PlatformApp] = []
     if settings.discord.token:
-        from bot.discord_app import DiscordApp
+        from bot.discord import DiscordApp
 
         apps.append(DiscordApp(core.commands, settings.discord))
     if settings.slack.bot_token:
-        from bot.slack_app import SlackApp
+        from bot.slack import SlackApp
 
         apps.append(SlackApp(core.commands, settings.slack))
     return apps
 
 
 def admin_policies(settings: Settings) -> dict[str, AdminPolicy]:
-    from bot.discord_app import DiscordApp
+    from bot.discord import DiscordApp
 
     # Slack's admins are user ids only (no roles): no need to import slack_bolt for them.
     return {"discord": DiscordApp.admin_policy(settings.discord),
@@ -233,7 +228,7 @@ def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
 async def cmd_sync_commands(config: Config, args: argparse.Namespace) -> int:
     import discord
 
-    from bot.discord_app import invite_url, sync_commands
+    from bot.discord import invite_url, sync_commands
 
     settings = load_settings(config, os.environ)
     if not settings.discord.token:

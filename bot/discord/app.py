@@ -16,32 +16,26 @@ type from the annotations at run time, and their bounds come from config.toml.
 """
 
 import asyncio
-import io
 import logging
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Optional
 
 import discord
 import yarl
+from cachetools import LRUCache
 from discord import app_commands
 from discord.gateway import DiscordWebSocket
 
 from bot import messages
 from bot.commands import Actor, AdminPolicy, Commands, ImagineOptions, Reply, Submitted
-from bot.delivery import MessageGone, MessageRef, Picture, PreviewPicture, fit_image_blocking
+from bot.discord.outlet import MESSAGE_LIMIT, NOBODY, PLATFORM, DiscordOutlet, pinging
 from bot.settings import DiscordSettings
-from engine import Config, Origin
-from engine.history import StoredJob
-from engine import MAX_SEED
+from engine import MAX_SEED, Config, Origin
 
 log = logging.getLogger(__name__)
 
-PLATFORM = "discord"
-MESSAGE_LIMIT = 2000  # characters in one message
-DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024  # bytes a bot may attach where Discord says nothing else
-NOBODY = discord.AllowedMentions.none()
+UPLOAD_LIMITS_REMEMBERED = 1000  # jobs whose interaction's upload limit is kept until their result is posted
 # Permissions the bot needs in a channel (see docs/BOT.md): view, send, send in threads,
 # attach files, read history (to react on older messages), add reactions.
 PERMISSIONS = discord.Permissions(view_channel=True, send_messages=True, send_messages_in_threads=True,
@@ -79,10 +73,6 @@ def invite_url(application_id: int) -> str:
                                    scopes=("bot", "applications.commands"))
 
 
-def pinging(user_id: str) -> discord.AllowedMentions:
-    """Ping this user only: a prompt quoted in a message may say @everyone or <@someone>."""
-    users = [discord.Object(int(user_id))] if user_id.isdigit() else False
-    return discord.AllowedMentions(everyone=False, roles=False, users=users, replied_user=False)
 
 
 def role_ids(member: object) -> frozenset[str]:
@@ -218,7 +208,7 @@ class DiscordApp:
         self.commands, self.settings = commands, settings
         self.connected = asyncio.Event()  # set once the gateway is ready; delivery waits for it
         self.client = PromptPicsClient(commands.config, self, **client_options)
-        self._upload_limits: OrderedDict[str, int] = OrderedDict()  # job id -> the interaction's limit
+        self._upload_limits: LRUCache[str, int] = LRUCache(maxsize=UPLOAD_LIMITS_REMEMBERED)  # job id -> limit
         self.outlet = DiscordOutlet(self.client, settings, self._upload_limits, self.connected)
 
     @staticmethod
@@ -249,8 +239,6 @@ class DiscordApp:
                                               adult_channel=is_age_restricted(interaction.channel))
         if isinstance(outcome, Submitted):
             self._upload_limits[outcome.handle.id] = interaction.filesize_limit
-            while len(self._upload_limits) > 1000:
-                self._upload_limits.popitem(last=False)
             outcome = outcome.reply
         await self._send_reply(interaction, outcome)
 
@@ -303,96 +291,6 @@ class DiscordApp:
                                    allowed_mentions=pinging(str(payload.user_id)))
         except discord.HTTPException as exc:
             log.warning("could not answer a reaction on message %s: %s", payload.message_id, exc)
-
-
-class DiscordOutlet:
-    """Shows jobs in Discord with the bot token (``delivery.Outlet``)."""
-
-    platform = PLATFORM
-    progress_interval_s: float | None = None  # [bot] progress_interval_s
-
-    def __init__(self, client: discord.Client, settings: DiscordSettings, upload_limits: "OrderedDict[str, int]",
-                 connected: asyncio.Event) -> None:
-        self._client, self._settings, self._upload_limits = client, settings, upload_limits
-        self._connected = connected
-
-    def mention(self, user_id: str) -> str:
-        return f"<@{user_id}>"
-
-    async def _channel(self, channel_id: str) -> discord.PartialMessageable:
-        await self._connected.wait()  # jobs taken back at start may finish before the gateway is up
-        # A partial messageable needs no cache: it works for any channel id, also after a restart.
-        return self._client.get_partial_messageable(int(channel_id))
-
-    async def post_status(self, job: StoredJob, text: str) -> MessageRef:
-        channel = await self._channel(job.origin.channel_id)
-        text, mentions = messages.fit_text(text, MESSAGE_LIMIT), _requester_only(job)
-        if job.origin.message_ref.isdigit():  # a reaction's job answers under the image reacted to
-            reference = channel.get_partial_message(int(job.origin.message_ref)).to_reference(fail_if_not_exists=False)
-            message = await channel.send(text, reference=reference, allowed_mentions=mentions)
-        else:
-            message = await channel.send(text, allowed_mentions=mentions)
-        return MessageRef(str(channel.id), str(message.id))
-
-    async def edit_status(self, job: StoredJob, ref: MessageRef, text: str) -> None:
-        channel = await self._channel(ref.channel_id)
-        try:
-            await channel.get_partial_message(int(ref.message_id)).edit(content=messages.fit_text(text, MESSAGE_LIMIT),
-                                                                        allowed_mentions=_requester_only(job))
-        except discord.NotFound as exc:
-            raise MessageGone(ref.message_id) from exc
-
-    async def edit_status_with_preview(self, job: StoredJob, ref: MessageRef, text: str,
-                                       preview: PreviewPicture | None) -> None:
-        """The status text with the preview as its one attachment (replacing the last one);
-        None removes it. A preview is a few KB, far under any upload limit."""
-        channel = await self._channel(ref.channel_id)
-        files = [discord.File(io.BytesIO(preview.data), filename=preview.filename)] if preview is not None else []
-        try:
-            await channel.get_partial_message(int(ref.message_id)).edit(content=messages.fit_text(text, MESSAGE_LIMIT),
-                                                                        attachments=files,
-                                                                        allowed_mentions=_requester_only(job))
-        except discord.NotFound as exc:
-            raise MessageGone(ref.message_id) from exc
-
-    async def post_result(self, job: StoredJob, picture: Picture, caption: str, status: MessageRef | None) -> MessageRef:
-        channel = await self._channel(job.origin.channel_id)
-        limit = self._upload_limit(job)
-        data, ext = await asyncio.to_thread(fit_image_blocking, picture.png, limit)
-        if ext != "png":
-            log.info("job %s: PNG of %d bytes re-encoded to %s of %d bytes to fit %d", job.id, len(picture.png), ext,
-                     len(data), limit)
-        file = discord.File(io.BytesIO(data), filename=f"{job.id}.{ext}")
-        message = await channel.send(messages.fit_text(caption, MESSAGE_LIMIT), file=file,
-                                     allowed_mentions=_requester_only(job))
-        self._upload_limits.pop(job.id, None)
-        return MessageRef(str(channel.id), str(message.id))
-
-    async def add_reactions(self, job: StoredJob, ref: MessageRef, emojis: Sequence[str]) -> None:
-        message = (await self._channel(ref.channel_id)).get_partial_message(int(ref.message_id))
-        for emoji in emojis:
-            await message.add_reaction(emoji)
-
-    async def retire_status(self, job: StoredJob, ref: MessageRef) -> None:
-        """The result replaces the status message: one message per image in the channel."""
-        message = (await self._channel(ref.channel_id)).get_partial_message(int(ref.message_id))
-        try:
-            await message.delete()
-        except discord.NotFound:
-            pass
-
-    def _upload_limit(self, job: StoredJob) -> int:
-        limit = self._upload_limits.get(job.id)
-        if limit is None:  # a job from before a restart: the guild's limit, if the channel is known
-            channel = self._client.get_channel(int(job.origin.channel_id))
-            guild = getattr(channel, "guild", None)
-            limit = guild.filesize_limit if guild is not None else DEFAULT_UPLOAD_LIMIT
-        cap = self._settings.max_upload_bytes
-        return min(limit, cap) if cap else limit
-
-
-def _requester_only(job: StoredJob) -> discord.AllowedMentions:
-    return pinging(job.requester.user_id) if job.requester.platform == PLATFORM else NOBODY
 
 
 # -- `promptpics sync-commands` ------------------------------------------------------------------
