@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import ModelLoadError
+from engine.workers import MODEL_LOADING
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,9 @@ class ChatLLM:
         kwargs: dict[str, Any] = {"local_files_only": True} if _is_local(source) else {}
         started = time.perf_counter()
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+            with MODEL_LOADING:
+                tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
             model.to(device).eval()
         except OSError as exc:  # missing files: not downloaded, offline, or a wrong folder
             raise ModelLoadError(_shown_name(source), "its files were not found (not downloaded yet, or offline?)") from exc

@@ -24,6 +24,14 @@ T = TypeVar("T")
 
 _STOP = object()
 
+# Loading a model is not thread-safe: transformers, diffusers and accelerate change process-wide
+# state while they build one (meta-device construction, accelerate's init_empty_weights patching
+# nn.Module.register_parameter), so two threads loading at once break each other's models (seen:
+# the embedding thread loading MiniLM while the GPU thread loads a pipeline -> NotImplementedError
+# on meta tensors, "the weights could not be read"). Every from_pretrained in the engine holds
+# this lock; running a loaded model does not need it.
+MODEL_LOADING = threading.RLock()
+
 
 class WorkerThread:
     """One daemon thread running blocking calls in order; ``submit`` returns an awaitable future.

@@ -18,6 +18,7 @@ from typing import Any
 from engine.config import ModelSpec
 from engine.pipelines.errors import translate_error
 from engine.safety.prevention import guard_vae_decode_blocking
+from engine.workers import MODEL_LOADING
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,8 @@ def load_pipeline_blocking(spec: ModelSpec, device: Any, dtype: Any) -> LoadedPi
     started = time.perf_counter()
     pipe = None
     try:
-        pipe = _LOADERS[spec.family](spec, dtype)
+        with MODEL_LOADING:
+            pipe = _LOADERS[spec.family](spec, dtype)
         # float16: the VAE decodes in float32 (else SDXL's overflows to a black image); any
         # dtype: NaN/Inf pixels raise NonFiniteError, which the safety policy retries.
         guard_vae_decode_blocking(pipe, spec.id, dtype)

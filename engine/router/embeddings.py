@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from engine.workers import MODEL_LOADING
+
 log = logging.getLogger(__name__)
 
 EMBEDDING_DTYPES = ("auto", "float32", "bfloat16")
@@ -114,8 +116,9 @@ class SentenceEncoder:
         was_enabled = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # "Loading weights" bars mean nothing to a bot admin
         try:
-            model = SentenceTransformer(where, device="cpu", local_files_only=local,
-                                        model_kwargs={"dtype": getattr(torch, dtype)})
+            with MODEL_LOADING:
+                model = SentenceTransformer(where, device="cpu", local_files_only=local,
+                                            model_kwargs={"dtype": getattr(torch, dtype)})
         except Exception as exc:  # OSError, ValueError: missing files, a hub id while offline
             raise EmbeddingUnavailable(f"the embedding model {Path(where).name if local else where!r} could not be loaded ({type(exc).__name__})") from exc
         finally:
