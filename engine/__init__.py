@@ -47,7 +47,6 @@ from engine.jobs import (
     Requester,
     Timings,
 )
-from engine.history import HistoryStore, ModelStats, StoredJob
 from engine.router import CascadeRouter
 from engine.router import evaluate as evaluate_router
 from engine.router import format_report as format_router_report

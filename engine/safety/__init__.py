@@ -4,6 +4,7 @@
                     and the prompt check (term lists, word-boundary aware; room for a classifier)
     rewrite.py      PromptRewriter: the shared chat LLM, validated, else a deterministic sanitiser
     prevention.py   float32 VAE decode under float16, NaN/Inf guards (called from engine.pipelines)
+    attempts.py     Attempt: one generation, as the loop, its errors and the history see it
     policy.py       SafetyPolicy.run_blocking: generate -> check -> post / rewrite / fall back / refuse
     errors.py       ImageRefusedError (UnsafeContentError, BlankImageError) and NonFiniteError
 
@@ -21,7 +22,8 @@ from engine.safety.detectors import (
     Verdict,
 )
 from engine.safety.errors import BlankImageError, ImageRefusedError, NonFiniteError, UnsafeContentError
-from engine.safety.policy import Attempt, Generated, SafetyOutcome, SafetyPolicy
+from engine.safety.attempts import Attempt
+from engine.safety.policy import Generated, SafetyOutcome, SafetyPolicy
 from engine.safety.prevention import check_latents_blocking, guard_vae_decode_blocking
 from engine.safety.rewrite import PromptRewriter, Rewrite
 

@@ -12,12 +12,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from engine.errors import EngineError
-
-if TYPE_CHECKING:
-    from engine.safety.policy import Attempt
+from engine.safety.attempts import Attempt
 
 
 class ImageRefusedError(EngineError):

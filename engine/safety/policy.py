@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from engine.config import ModelSpec, SafetyConfig
@@ -30,6 +30,7 @@ from engine.safety.detectors import (
     Verdict,
     load_nudenet_blocking,
 )
+from engine.safety.attempts import Attempt
 from engine.safety.errors import BlankImageError, ImageRefusedError, NonFiniteError, UnsafeContentError
 from engine.safety.rewrite import ChatModels, PromptRewriter
 
@@ -46,28 +47,6 @@ class Generated:
 
     image: Any
     pipeline_output: Any = None
-
-
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    """One generation. ``outcome`` is None while it runs, then one of history's ATTEMPT_OUTCOMES."""
-
-    n: int  # 1-based within this run
-    model_id: str
-    prompt_used: str
-    seed: int
-    started_at: float
-    finished_at: float | None = None
-    outcome: str | None = None  # "succeeded", "retried" or "failed"
-    verdicts: Mapping[str, Verdict] = field(default_factory=dict)  # detector name -> verdict
-    problem: str | None = None  # "black" or "nsfw" when the image was not used
-    action: str = ""  # "posted", "rewrote the prompt (llm)", "fell back to flux_dev", "refused", ...
-    note: str = ""  # e.g. "prompt flagged (matched: coke); rewritten by llm" on the first attempt
-
-    @property
-    def retry_reason(self) -> str | None:
-        """For ``HistoryStore.record_attempt_end``: set exactly when another attempt followed."""
-        return f"{self.problem}: {self.action}" if self.outcome == "retried" else None
 
 
 @dataclass(frozen=True, slots=True)
