@@ -1,5 +1,5 @@
 """Benchmark: FIFO against model affinity, replaying one mixed trace through the REAL scheduler
-(engine/scheduler.py) and the REAL residency manager (engine/residency/) on a simulated card.
+(engine/scheduler/) and the REAL residency manager (engine/residency/) on a simulated card.
 
     python bench/scheduler.py [--seed 1] [--jobs 200] [--users 10] [--utilisation 0.8]
                               [--gpu-gb 48] [--ram-gb 0] [--json]

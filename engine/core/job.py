@@ -25,7 +25,7 @@ class LiveJob:
     status: JobStatus = JobStatus.QUEUED
     cancel: threading.Event = field(default_factory=threading.Event)
     cancelled_by_user: bool = False  # else a set cancel flag means "the engine is stopping"
-    # what the scheduler sees (engine/scheduler.py): arrival order, round-robin tag, fairness
+    # what the scheduler sees (engine/scheduler/): arrival order, round-robin tag, fairness
     seq: int = 0
     fair_tag: float = 0.0
     passed_over: int = 0
