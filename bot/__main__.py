@@ -21,6 +21,7 @@ from engine import (
     Config,
     Engine,
     EngineError,
+    HistoryStore,
     JobCancelled,
     JobFailed,
     JobHandle,
@@ -29,10 +30,10 @@ from engine import (
     JobQueued,
     JobRequest,
     JobStarted,
+    StoredJob,
     load_config,
     with_tiny_models,
 )
-from engine.history import HistoryStore, StoredJob
 from engine.models_info import describe_models
 
 log = logging.getLogger("promptpics")

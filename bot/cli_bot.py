@@ -21,8 +21,7 @@ from bot.console_app import ADMINS as CONSOLE_ADMINS
 from bot.console_app import ConsoleApp
 from bot.delivery import Delivery, Outlet
 from bot.settings import Settings, load_settings
-from engine import Config, Engine
-from engine.history import HistoryStore
+from engine import Config, Engine, HistoryStore
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,7 @@ from dataclasses import dataclass, replace
 
 from bot import messages
 from bot.settings import BotSettings
-from engine import Config, Engine, EngineError, JobHandle, JobRequest, Origin, Requester
-from engine.history import StoredJob
+from engine import Config, Engine, EngineError, JobHandle, JobRequest, Origin, Requester, StoredJob
 from engine.models_info import describe_models
 
 # -- plain data ----------------------------------------------------------------------------------

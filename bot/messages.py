@@ -14,8 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from engine import EngineError, GenerationParams, QueueEntry, Timings
-from engine.history import ModelStats, StoredJob
+from engine import EngineError, GenerationParams, ModelStats, QueueEntry, StoredJob, Timings
 
 log = logging.getLogger(__name__)
 

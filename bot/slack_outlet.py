@@ -31,7 +31,7 @@ from bot import messages
 from bot.commands import normalise_emoji
 from bot.delivery import MessageGone, MessageRef, Picture
 from bot.settings import SlackSettings
-from engine.history import StoredJob
+from engine import StoredJob
 
 log = logging.getLogger(__name__)
 

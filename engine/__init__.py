@@ -14,6 +14,18 @@ from engine.errors import (
     QueueFullError,
     RequestError,
 )
+from engine.history import (
+    AttemptRecord,
+    DataFolderLock,
+    Deliveries,
+    DeliveryRecord,
+    HistoryError,
+    HistoryStore,
+    ModelStats,
+    StorageError,
+    StoredJob,
+    write_atomic,
+)
 from engine.jobs import (
     EngineEvent,
     GenerationParams,
@@ -43,4 +55,6 @@ __all__ = [
     "OutOfMemoryError", "QueueEntry", "QueueFullError", "RequestError", "Requester", "Timings", "load_config",
     "with_tiny_models", "BlankImageError", "ImageRefusedError", "SafetyConfig", "UnsafeContentError",
     "DataFolderBusyError", "EngineClosedError", "EngineEvent", "QueueMoved", "QueuePlace",
+    "AttemptRecord", "DataFolderLock", "Deliveries", "DeliveryRecord", "HistoryError", "HistoryStore", "ModelStats",
+    "StorageError", "StoredJob", "write_atomic",
 ]

@@ -19,11 +19,10 @@ from typing import Any
 
 from engine.admission import Admission
 from engine.config import Config
-from engine.datalock import DataFolderLock
 from engine.errors import EngineClosedError, EngineError, JobCancelledError
 from engine.eta import CostBook
 from engine.executor import GpuExecutor, JobRunner, RunOutput, default_runner_blocking
-from engine.history import HistoryStore, StorageError, StoredJob
+from engine.history import DataFolderLock, Deliveries, HistoryStore, StorageError, StoredJob
 from engine.jobs import (
     FINAL_EVENTS,
     EngineEvent,
@@ -232,6 +231,11 @@ class Engine:
     def history(self) -> HistoryStore:
         assert self._history is not None, "enter the engine first (async with Engine(...))"
         return self._history
+
+    @property
+    def deliveries(self) -> Deliveries:
+        """Which chat messages show which job: the bot records and looks up its messages here."""
+        return Deliveries(self.history)
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
