@@ -258,10 +258,9 @@ class HistoryStore(Database):
     async def attempts(self, job_id: str) -> list[AttemptRecord]:
         rows = await self._rows("SELECT * FROM attempts WHERE job_id = ? ORDER BY n", (job_id,))
         return [AttemptRecord(job_id=r["job_id"], n=r["n"], model_id=r["model_id"], prompt_used=r["prompt_used"],
-                        started_at=r["started_at"], finished_at=r["finished_at"], outcome=r["outcome"],
-                        verdicts=json.loads(r["verdicts"]) if r["verdicts"] else {},
-                        retry_reason=r["retry_reason"]) for r in rows]
-
+                              started_at=r["started_at"], finished_at=r["finished_at"], outcome=r["outcome"],
+                              verdicts=json.loads(r["verdicts"]) if r["verdicts"] else {},
+                              retry_reason=r["retry_reason"]) for r in rows]
 
     # -- statistics and retention ---------------------------------------------------------
 
