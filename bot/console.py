@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import getpass
 import logging
-import os
 import sys
 import threading
 from collections.abc import AsyncIterator, Sequence
@@ -23,7 +22,7 @@ from bot import messages
 from bot.commands import Actor, AdminPolicy, Commands, Reply, Submitted
 from bot.delivery import Delivery
 from bot.outlet import MessageRef, Picture, PreviewPicture
-from engine import JobStatus, Origin, StoredJob
+from engine import JobStatus, Origin, StoredJob, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +74,7 @@ class ConsoleOutlet:
             await asyncio.to_thread(_remove_previews, self._previews_dir, job.id)
             return
         path = self._previews_dir / preview.filename
-        await asyncio.to_thread(_write_atomically, path, preview.data)
+        await asyncio.to_thread(write_atomic, path, preview.data)
         print(f"job {job.id}: preview at step {preview.step}/{preview.total}: {path}", file=self._out, flush=True)
 
     async def post_result(self, job: StoredJob, picture: Picture, caption: str, status: MessageRef | None) -> MessageRef:
@@ -153,14 +152,6 @@ async def _lines(stream: TextIO) -> AsyncIterator[str]:
     threading.Thread(target=read, name="promptpics-stdin", daemon=True).start()
     while (line := await queue.get()) is not None:
         yield line
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """A viewer that has the file open sees the old preview or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _remove_previews(folder: Path, job_id: str) -> None:

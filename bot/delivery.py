@@ -286,16 +286,16 @@ class Delivery:
                 log.info("job %s: status message was deleted; posting a new one", job.id)
         track.status = await outlet.post_status(job, text)
         track.last_edit, track.pending, track.preview_shown = self._clock(), None, False
-        await self._engine.history.record_delivery(job.id, platform=outlet.platform, channel_id=track.status.channel_id,
-                                                   message_id=track.status.message_id, kind="status")
+        await self._engine.deliveries.record(job.id, platform=outlet.platform, channel_id=track.status.channel_id,
+                                             message_id=track.status.message_id, kind="status")
         await self._react(outlet, job, track.status, self._commands.status_reactions())
 
     async def _post_result(self, outlet: Outlet, job: StoredJob, picture: Picture, caption: str, model_id: str,
                            status: MessageRef | None) -> None:
         ref = await outlet.post_result(job, picture, caption, status)
         # Recorded before anything else can fail: from now on reactions on it work, restarts included.
-        await self._engine.history.record_delivery(job.id, platform=outlet.platform, channel_id=ref.channel_id,
-                                                   message_id=ref.message_id, kind="result")
+        await self._engine.deliveries.record(job.id, platform=outlet.platform, channel_id=ref.channel_id,
+                                             message_id=ref.message_id, kind="result")
         log.info("job %s: result posted on %s", job.id, outlet.platform)
         await self._react(outlet, job, ref, self._commands.result_reactions(model_id))
         if status is not None:
@@ -346,7 +346,7 @@ class Delivery:
         return eta(job_id) if callable(eta) else None
 
     async def _existing_status(self, job: StoredJob, outlet: Outlet) -> MessageRef | None:
-        found = [d for d in await self._engine.history.deliveries(job.id)
+        found = [d for d in await self._engine.deliveries.of_job(job.id)
                  if d.kind == "status" and d.platform == outlet.platform]
         return MessageRef(found[-1].channel_id, found[-1].message_id) if found else None
 
@@ -358,7 +358,7 @@ class Delivery:
                 if (job.id in self._seen or job.status is not JobStatus.SUCCEEDED or job.image_path is None
                         or (job.finished_at or 0) < cutoff or job.origin.platform != platform):
                     continue
-                deliveries = await self._engine.history.deliveries(job.id)
+                deliveries = await self._engine.deliveries.of_job(job.id)
                 if any(d.kind == "result" for d in deliveries):
                     continue
                 try:

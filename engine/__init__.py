@@ -26,7 +26,18 @@ from engine.errors import (
     QueueFullError,
     RequestError,
 )
-from engine.history import HistoryStore, ModelStats, StoredJob
+from engine.history import (
+    AttemptRecord,
+    DataFolderLock,
+    Deliveries,
+    DeliveryRecord,
+    HistoryError,
+    HistoryStore,
+    ModelStats,
+    StorageError,
+    StoredJob,
+    write_atomic,
+)
 from engine.jobs import (
     EngineEvent,
     GenerationParams,
@@ -63,8 +74,9 @@ __all__ = [
     "DataFolderBusyError", "EngineClosedError", "EngineEvent", "QueueMoved", "QueuePlace",
     # config's building blocks (bot/settings.py reads its own tables with them)
     "HIDDEN", "SettingsModel", "Text", "broken", "validate_table",
-    # the history the CLI and the adapters read
-    "HistoryStore", "ModelStats", "StoredJob",
+    # the history: the CLI and the adapters read it; deliveries are the bot's message bookkeeping
+    "AttemptRecord", "DataFolderLock", "Deliveries", "DeliveryRecord", "HistoryError", "HistoryStore", "ModelStats",
+    "StorageError", "StoredJob", "write_atomic",
     # what the bot shows or checks: the model table, the seed bound, the tiny profile's models
     "describe_models", "MAX_SEED", "ensure_tiny_models",
     # the router on its own: `promptpics route` and `promptpics eval-router`

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engine.history import write_atomic
+
 if TYPE_CHECKING:  # heavy imports stay inside the builders so `import engine.tiny` is cheap
     from transformers import PreTrainedTokenizerBase
 
@@ -85,7 +87,7 @@ def ensure_tiny_models(cache_dir: Path) -> TinyModels:
             _remove_leftovers(root)
         for name, builder in _builders().items():
             _build_once(root / name, builder)
-        _write_atomically(root / _COMPLETE, TINY_VERSION + "\n")
+        write_atomic(root / _COMPLETE, (TINY_VERSION + "\n").encode())
     return models
 
 
@@ -183,14 +185,6 @@ def _discard(path: Path) -> None:
     except FileNotFoundError:
         return
     shutil.rmtree(trash, ignore_errors=True)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the cache is shared like the model files
-    os.replace(tmp, path)
 
 
 def _seed(seed: int) -> None:

@@ -53,7 +53,7 @@ from engine import (
     Timings,
 )
 from engine.config import parse_config
-from engine.history import HistoryStore, ModelStats, StoredJob
+from engine.history import Deliveries, HistoryStore, ModelStats, StoredJob
 from tests.conftest import REPO, repo_config_raw
 
 ALICE = Actor("chat", "alice", "Alice")
@@ -139,6 +139,10 @@ class FakeEngine:
 
     def unsubscribe(self, q: asyncio.Queue[Any]) -> None:
         self.subscribers.remove(q)
+
+    @property
+    def deliveries(self) -> Deliveries:
+        return Deliveries(self.history)
 
 
 class Clock:
@@ -401,8 +405,8 @@ async def test_progress_edits_are_throttled_and_the_result_is_linked_to_its_mess
     assert all(gap >= interval - 0.01 for gap in gaps), gaps  # never more than one edit per interval
     assert 3 <= len(edits) <= (time.monotonic() - started) / interval + 1
     assert "step 40/40" in edits[-1][1]
-    assert [(d.kind, d.message_id) for d in await history.deliveries(job.id)] == [("status", "status-1"),
-                                                                                  ("result", "result-1")]
+    assert [(d.kind, d.message_id) for d in await Deliveries(history).of_job(job.id)] == [("status", "status-1"),
+                                                                                          ("result", "result-1")]
     assert outlet.calls[-2][2] == "🔁📷🧩🔤❌"  # the other models' emojis, not flux's own 🎨
 
 
@@ -421,7 +425,7 @@ async def test_a_deleted_status_message_is_posted_again(config: Config, history:
     await asyncio.wait_for(delivery.settled(job.id), 10)
     running.cancel()
     assert [kind for _, kind, _ in outlet.calls] == ["post", "react", "post", "react", "result", "react", "retire"]
-    assert [d.message_id for d in await history.deliveries(job.id) if d.kind == "status"] == ["status-1", "status-3"]
+    assert [d.message_id for d in await Deliveries(history).of_job(job.id) if d.kind == "status"] == ["status-1", "status-3"]
 
 
 async def test_a_waiting_jobs_status_follows_its_place_in_the_queue(config: Config, history: HistoryStore) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.datalock import LOCK_NAME, DataFolderLock
+from engine.history import LOCK_NAME, DataFolderLock
 from engine.errors import ConfigError, DataFolderBusyError, EngineError
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="flock semantics; Windows uses msvcrt")
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 TRY_ACQUIRE = """
 import sys
 from pathlib import Path
-from engine.datalock import DataFolderLock
+from engine.history import DataFolderLock
 from engine.errors import DataFolderBusyError
 try:
     lock = DataFolderLock.acquire(Path(sys.argv[1]))

@@ -28,7 +28,7 @@ from bot.cli.serve import BotCore, admin_policies, build_core, cmd_sync_commands
 from bot.discord import DiscordApp, sync_commands
 from bot.settings import BotSettings, DiscordSettings, Settings
 from engine import Config, Engine, GenerationParams, JobCancelled, JobProgressed, JobRequest, JobStatus, Origin, Requester
-from engine.history import HistoryStore
+from engine.history import Deliveries, HistoryStore
 from engine.images import read_png_metadata
 from engine.pipelines.previews import PreviewSettings
 from tests.conftest import REPO, make_tiny_config
@@ -430,8 +430,8 @@ async def test_a_job_taken_back_after_a_restart_is_delivered_to_its_original_cha
         stored = await history.record_queued(requester=Requester("discord", str(ALICE), "alice"),
                                              origin=Origin("discord", str(OTHER_CHANNEL_ID)), model_asked=None,
                                              params=params, created_at=time.time())
-        await history.record_delivery(stored.id, platform="discord", channel_id=str(OTHER_CHANNEL_ID),
-                                      message_id=old_status["id"], kind="status")
+        await Deliveries(history).record(stored.id, platform="discord", channel_id=str(OTHER_CHANNEL_ID),
+                                         message_id=old_status["id"], kind="status")
 
     async with bot(fake, config) as running:
         result = await running.result_of(stored.id, channel_id=OTHER_CHANNEL_ID)
@@ -448,7 +448,7 @@ async def test_a_result_finished_but_never_posted_is_posted_at_the_next_start(fa
         await handle.result()
     async with bot(fake, config) as running:
         result = await running.result_of(handle.id)
-        deliveries = await running.core.engine.history.deliveries(handle.id)
+        deliveries = await running.core.engine.deliveries.of_job(handle.id)
     assert "posted late" in result["content"]
     assert [(d.kind, d.message_id) for d in deliveries] == [("result", result["id"])]
 

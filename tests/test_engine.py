@@ -230,9 +230,9 @@ async def test_hidream_runs_alone_and_others_share(tiny_config: Config) -> None:
 async def test_a_full_disk_fails_that_job_clearly_and_the_next_one_runs(tiny_config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
-    import engine.history
+    from engine.history import files
 
-    real_write = engine.history._write_and_sync
+    real_write = files._write_and_sync
     calls = []
 
     def full_once(path: Path, data: bytes) -> None:
@@ -241,7 +241,7 @@ async def test_a_full_disk_fails_that_job_clearly_and_the_next_one_runs(tiny_con
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write(path, data)
 
-    monkeypatch.setattr(engine.history, "_write_and_sync", full_once)
+    monkeypatch.setattr(files, "_write_and_sync", full_once)
     async with Engine(tiny_config) as eng:
         first = await eng.submit(JobRequest("a", model="flux_dev", steps=1, width=64, height=64))
         second = await eng.submit(JobRequest("b", model="flux_dev", steps=1, width=64, height=64))

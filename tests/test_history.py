@@ -18,8 +18,8 @@ import pytest_asyncio
 from engine import history
 from engine.errors import EngineError
 from engine.history import (
-    SCHEMA_VERSION, DuplicateJobError, HistoryError, HistoryStore, JobFinishedError, StorageError,
-    UnknownJobError,
+    SCHEMA_VERSION, Deliveries, DuplicateJobError, HistoryError, HistoryStore, JobFinishedError, StorageError,
+    UnknownJobError, files, schema,
 )
 from engine.jobs import GenerationParams, JobStatus, Origin, Requester, Timings
 
@@ -128,7 +128,7 @@ def test_new_job_id_avoids_ambiguous_characters() -> None:
 @pytest.mark.asyncio
 async def test_id_collision_draws_a_fresh_id(store: HistoryStore, monkeypatch: pytest.MonkeyPatch) -> None:
     drawn = iter(["aaaaaa", "aaaaaa", "bbbbbb"])
-    monkeypatch.setattr(history, "new_job_id", lambda: next(drawn))
+    monkeypatch.setattr("engine.history.store.new_job_id", lambda: next(drawn))
     first = await queue(store)
     second = await queue(store)
     assert (first.id, second.id) == ("aaaaaa", "bbbbbb")
@@ -266,31 +266,33 @@ async def test_requeue_interrupted_keeps_arrival_order_and_marks_attempts(tmp_pa
 async def test_deliveries_map_messages_back_to_jobs_after_a_restart(tmp_path: Path) -> None:
     async with HistoryStore.open(tmp_path) as store:
         job, other = await queue(store), await queue(store)
-        await store.record_delivery(job.id, platform="discord", channel_id="c1", message_id="m1",
-                                    kind="status", created_at=T0)
-        await store.record_delivery(job.id, platform="discord", channel_id="c1", message_id="m2",
-                                    kind="result", created_at=T0 + 1)
-        await store.record_delivery(other.id, platform="slack", channel_id="c1", message_id="m1",
-                                    kind="result", created_at=T0 + 2)
+        deliveries = Deliveries(store)
+        await deliveries.record(job.id, platform="discord", channel_id="c1", message_id="m1",
+                                kind="status", created_at=T0)
+        await deliveries.record(job.id, platform="discord", channel_id="c1", message_id="m2",
+                                kind="result", created_at=T0 + 1)
+        await deliveries.record(other.id, platform="slack", channel_id="c1", message_id="m1",
+                                kind="result", created_at=T0 + 2)
         with pytest.raises(UnknownJobError):
-            await store.record_delivery("nope22", platform="discord", channel_id="c1", message_id="m9",
-                                        kind="status")
+            await deliveries.record("nope22", platform="discord", channel_id="c1", message_id="m9",
+                                    kind="status")
         with pytest.raises(ValueError, match="kind"):
-            await store.record_delivery(job.id, platform="discord", channel_id="c1", message_id="m9",
-                                        kind="preview")
+            await deliveries.record(job.id, platform="discord", channel_id="c1", message_id="m9",
+                                    kind="preview")
     async with HistoryStore.open(tmp_path) as store:
+        deliveries = Deliveries(store)
         for message_id in ("m1", "m2"):
-            found = await store.job_by_message(platform="discord", channel_id="c1", message_id=message_id)
+            found = await deliveries.job_by_message(platform="discord", channel_id="c1", message_id=message_id)
             assert found is not None and found.id == job.id
-        slack = await store.job_by_message(platform="slack", channel_id="c1", message_id="m1")
+        slack = await deliveries.job_by_message(platform="slack", channel_id="c1", message_id="m1")
         assert slack is not None and slack.id == other.id
-        assert await store.job_by_message(platform="discord", channel_id="c2", message_id="m1") is None
-        assert [(d.message_id, d.kind) for d in await store.deliveries(job.id)] == [("m1", "status"),
-                                                                                   ("m2", "result")]
+        assert await deliveries.job_by_message(platform="discord", channel_id="c2", message_id="m1") is None
+        assert [(d.message_id, d.kind) for d in await deliveries.of_job(job.id)] == [("m1", "status"),
+                                                                                    ("m2", "result")]
         # The same message edited to show another job: the last record wins.
-        await store.record_delivery(other.id, platform="discord", channel_id="c1", message_id="m1",
-                                    kind="result")
-        moved = await store.job_by_message(platform="discord", channel_id="c1", message_id="m1")
+        await deliveries.record(other.id, platform="discord", channel_id="c1", message_id="m1",
+                                kind="result")
+        moved = await deliveries.job_by_message(platform="discord", channel_id="c1", message_id="m1")
         assert moved is not None and moved.id == other.id
 
 
@@ -342,7 +344,7 @@ async def test_a_version_1_file_opens_with_its_data(tmp_path: Path) -> None:
 async def test_migrations_run_forward_and_keep_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     make_v1_file(tmp_path / "promptpics.sqlite3")
     v2 = "ALTER TABLE jobs ADD COLUMN upscaled INTEGER NOT NULL DEFAULT 0;"
-    monkeypatch.setattr(history, "MIGRATIONS", [*history.MIGRATIONS, v2])
+    monkeypatch.setattr(schema, "MIGRATIONS", [*schema.MIGRATIONS, v2])
     async with HistoryStore.open(tmp_path) as store:
         old = await store.get_job("old111")
         assert old is not None and old.requester == Requester("slack", "U9", "Ann")
@@ -358,7 +360,7 @@ async def test_a_failing_migration_leaves_the_file_at_its_version(tmp_path: Path
     db = tmp_path / "promptpics.sqlite3"
     make_v1_file(db)
     broken = "ALTER TABLE jobs ADD COLUMN upscaled INTEGER; CREATE TABLE jobs (x);"
-    monkeypatch.setattr(history, "MIGRATIONS", [*history.MIGRATIONS, broken])
+    monkeypatch.setattr(schema, "MIGRATIONS", [*schema.MIGRATIONS, broken])
     with pytest.raises(HistoryError, match=f"from schema version {SCHEMA_VERSION} to {SCHEMA_VERSION + 1} failed"):
         await HistoryStore.open(tmp_path)
     con = sqlite3.connect(db)
@@ -458,7 +460,7 @@ async def test_disk_full_while_saving_the_image_raises_storage_error(store: Hist
         path.write_bytes(data[:10])  # a partial temp file, then the disk is full
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(history, "_write_and_sync", full_disk)
+    monkeypatch.setattr(files, "_write_and_sync", full_disk)
     with pytest.raises(StorageError) as caught:
         await store.record_succeeded(job.id, png=PNG, timings=Timings(), finished_at=T0 + 1)
     assert isinstance(caught.value, EngineError)

@@ -20,7 +20,8 @@ import pytest
 import pytest_asyncio
 
 from engine import history
-from engine.history import SCHEMA_VERSION, HistoryStore
+from engine.history import SCHEMA_VERSION, Deliveries, HistoryStore
+from engine.history.database import to_the_end
 from engine.jobs import GenerationParams, JobStatus, Origin, Requester, Timings
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
@@ -201,11 +202,11 @@ class Delivered(Op):
     name = "delivered"
 
     def write(self, store: HistoryStore, job_id: str) -> Coroutine[Any, Any, Any]:
-        return store.record_delivery(job_id, platform="discord", channel_id="c1", message_id=f"m-{job_id}",
-                                     kind="result", created_at=T0)
+        return Deliveries(store).record(job_id, platform="discord", channel_id="c1", message_id=f"m-{job_id}",
+                                        kind="result", created_at=T0)
 
     async def check(self, store: HistoryStore, job_id: str) -> bool:
-        found = await store.job_by_message(platform="discord", channel_id="c1", message_id=f"m-{job_id}")
+        found = await Deliveries(store).job_by_message(platform="discord", channel_id="c1", message_id=f"m-{job_id}")
         assert found is None or found.id == job_id
         return found is not None
 
@@ -319,7 +320,7 @@ async def test_a_held_back_cancellation_still_ends_as_the_callers_timeout() -> N
     started = time.monotonic()
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0.05):
-            assert await history._to_the_end(slow()) == 1  # held to its end, then the cancel lands
+            assert await to_the_end(slow()) == 1  # held to its end, then the cancel lands
             await asyncio.sleep(5)
     assert finished and time.monotonic() - started < 2
 

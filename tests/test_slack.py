@@ -31,7 +31,7 @@ from bot.settings import BotSettings, DiscordSettings, Settings, SlackSettings, 
 from bot.slack import SlackApp
 from bot.slack.outlet import CappedBackoff, ServerErrorRetry, retry_after_s, slack_text, unescape
 from engine import Config, ConfigError, GenerationParams, JobRequest, JobStatus, Origin, Requester
-from engine.history import HistoryStore
+from engine.history import Deliveries, HistoryStore
 from engine.images import read_png_metadata
 from tests.conftest import REPO, make_tiny_config
 from tests.fake_discord import BOT_TOKEN as DISCORD_TOKEN
@@ -194,7 +194,7 @@ async def test_imagine_over_socket_mode_posts_a_status_then_the_png_in_its_threa
         job_id = job_id_in(got)
         result = await running.result_of(job_id)
         rows = await running.history_rows()
-        deliveries = await running.core.engine.history.deliveries(job_id)
+        deliveries = await running.core.engine.deliveries.of_job(job_id)
 
     # Acknowledged at once with nothing to show; the job id came privately through the response URL.
     assert ack == {}
@@ -367,8 +367,8 @@ async def test_a_job_taken_back_after_a_restart_is_posted_in_its_status_messages
                                   guidance=4.5, width=64, height=64, seed=9, route_reason="the default model")
         stored = await history.record_queued(requester=Requester("slack", ALICE, "alice"), origin=Origin("slack", CHANNEL),
                                              model_asked=None, params=params, created_at=time.time())
-        await history.record_delivery(stored.id, platform="slack", channel_id=CHANNEL, message_id=old_status.ts,
-                                      kind="status")
+        await Deliveries(history).record(stored.id, platform="slack", channel_id=CHANNEL, message_id=old_status.ts,
+                                         kind="status")
 
     async with bot(fake, config) as running:
         result = await running.result_of(stored.id)

@@ -270,7 +270,7 @@ class DiscordApp:
         origin = Origin(platform=PLATFORM, channel_id=str(payload.channel_id), message_ref=str(payload.message_id))
         adult = is_age_restricted(self.client.get_channel(payload.channel_id))
         try:  # the catch-all of this boundary
-            job = await self.commands.engine.history.job_by_message(
+            job = await self.commands.engine.deliveries.job_by_message(
                 platform=PLATFORM, channel_id=str(payload.channel_id), message_id=str(payload.message_id))
             if job is None:
                 return  # not a message of ours

@@ -252,7 +252,7 @@ class SlackApp:
         channel, ts = str(item.get("channel", "")), str(item.get("ts", ""))
         root: str | None = None
         try:  # the catch-all of this boundary
-            job = await self.commands.engine.history.job_by_message(platform=PLATFORM, channel_id=channel, message_id=ts)
+            job = await self.commands.engine.deliveries.job_by_message(platform=PLATFORM, channel_id=channel, message_id=ts)
             if job is None:
                 return  # not a message of ours
             root = await self._thread_root(job, channel, ts)
@@ -278,13 +278,13 @@ class SlackApp:
         are one level deep: the root is the first job's status message)."""
         if job.origin.platform == PLATFORM and job.origin.thread_id:
             return job.origin.thread_id
-        statuses = [d.message_id for d in await self.commands.engine.history.deliveries(job.id)
+        statuses = [d.message_id for d in await self.commands.engine.deliveries.of_job(job.id)
                     if d.kind == "status" and d.platform == PLATFORM and d.channel_id == channel]
         return statuses[-1] if statuses else ts
 
     async def _delete_messages(self, job: StoredJob) -> None:
         """Delete the job's messages: the image (a thread reply) first, then the status that heads it."""
-        shown = [d for d in await self.commands.engine.history.deliveries(job.id) if d.platform == PLATFORM]
+        shown = [d for d in await self.commands.engine.deliveries.of_job(job.id) if d.platform == PLATFORM]
         for d in sorted(shown, key=lambda d: d.kind != "result"):
             try:
                 await self.client.chat_delete(channel=d.channel_id, ts=d.message_id)

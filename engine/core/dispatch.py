@@ -18,7 +18,7 @@ from engine.core.plan import QueuePlanner
 from engine.core.runner import RunOutput
 from engine.errors import EngineError, JobCancelledError
 from engine.workers import WorkerThread
-from engine.history import HistoryStore, StorageError
+from engine.history import Deliveries, HistoryStore, StorageError
 from engine.jobs import (
     JobCancelled,
     JobEvent,
@@ -56,6 +56,11 @@ class Dispatcher(QueuePlanner):
     def history(self) -> HistoryStore:
         assert self._history is not None, "enter the engine first (async with Engine(...))"
         return self._history
+
+    @property
+    def deliveries(self) -> Deliveries:
+        """Which chat messages show which job: the bot records and looks up its messages here."""
+        return Deliveries(self.history)
 
     # -- the dispatcher: one job at a time on the GPU thread ------------------------------
 

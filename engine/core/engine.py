@@ -24,10 +24,9 @@ from engine.core.job import JobHandle, LiveJob, user_key
 from engine.core.normalise import clean_prompt, normalise, requested_model
 from engine.core.plan import CostBook, QueuePlan, recorded_busy_s
 from engine.core.runner import JobRunner, default_runner_blocking
-from engine.datalock import DataFolderLock
 from engine.errors import EngineClosedError
 from engine.workers import WorkerThread
-from engine.history import HistoryStore, StoredJob
+from engine.history import DataFolderLock, HistoryStore, StoredJob
 from engine.jobs import EngineEvent, GenerationParams, JobCancelled, JobFailed, JobQueued, JobRequest, JobStatus
 from engine.llm import ChatLLM, LLMCache
 from engine.pipelines import configure_torch_blocking, resolve_device_blocking, resolve_dtype

@@ -1,0 +1,34 @@
+"""The job history: one SQLite file (jobs, attempts, deliveries) plus the PNG files; the only SQL.
+
+    schema.py      the DDL, its forward migrations (``MIGRATIONS``) and the SQL text the store runs
+    database.py    the connection: open (checks, pragmas, migrations), close, cancel-safe ``_write``
+    store.py       ``HistoryStore``: a job's life (queued, attempts, finished), reads, pruning
+    deliveries.py  ``Deliveries``: which chat message shows which job (``engine.deliveries``)
+    records.py     plain data returned (``StoredJob``, ``AttemptRecord``, ``DeliveryRecord``), job ids
+    stats.py       ``ModelStats``: the per-model queries and their aggregation
+    files.py       image paths, ``write_atomic`` (the engine's one atomic writer), pruning files
+    errors.py      ``HistoryError`` and its family, ``StorageError``
+    lock.py        ``DataFolderLock``: one process runs the jobs of a data folder
+"""
+
+from engine.history.deliveries import Deliveries
+from engine.history.errors import DuplicateJobError, HistoryError, JobFinishedError, StorageError, UnknownJobError
+from engine.history.files import IMAGES_DIR, write_atomic
+from engine.history.lock import LOCK_NAME, DataFolderLock
+from engine.history.records import ID_ALPHABET, ID_LENGTH, AttemptRecord, DeliveryRecord, StoredJob, new_job_id
+from engine.history.schema import (
+    APPLICATION_ID,
+    ATTEMPT_OUTCOMES,
+    DELIVERY_KINDS,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+)
+from engine.history.stats import ModelStats
+from engine.history.store import HistoryStore
+
+__all__ = [
+    "APPLICATION_ID", "ATTEMPT_OUTCOMES", "AttemptRecord", "DELIVERY_KINDS", "DataFolderLock", "Deliveries",
+    "DeliveryRecord", "DuplicateJobError", "HistoryError", "HistoryStore", "ID_ALPHABET", "ID_LENGTH", "IMAGES_DIR",
+    "JobFinishedError", "LOCK_NAME", "MIGRATIONS", "ModelStats", "SCHEMA_VERSION", "StorageError", "StoredJob",
+    "UnknownJobError", "new_job_id", "write_atomic",
+]

@@ -1,0 +1,147 @@
+"""The history file's schema: the DDL, its forward migrations, and the SQL text the store runs.
+
+Schema versions: ``MIGRATIONS[v]`` takes a file from ``PRAGMA user_version`` v to v + 1; they
+run in order at open, each in its own transaction. Never edit a released script: append one.
+1: jobs, attempts, deliveries. 2: ``jobs.nsfw_allowed`` (0 for older jobs).
+"""
+
+from __future__ import annotations
+
+APPLICATION_ID = 0x50504943  # "PPIC" in the file header: tells our file from someone else's
+ATTEMPT_OUTCOMES = ("succeeded", "failed", "retried", "interrupted")
+DELIVERY_KINDS = ("status", "result")
+
+# -- schema ---------------------------------------------------------------------------------
+
+_SCHEMA_V1 = """
+CREATE TABLE jobs (
+    seq                 INTEGER PRIMARY KEY AUTOINCREMENT,  -- arrival order, never reused
+    id                  TEXT    NOT NULL UNIQUE,            -- short and typable: 'k7mq2x'
+    status              TEXT    NOT NULL
+                        CHECK (status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+    created_at          REAL    NOT NULL,                   -- unix seconds
+    started_at          REAL,                               -- first attempt
+    finished_at         REAL,
+    -- who asked, and where the answer goes (plain strings)
+    requester_platform  TEXT    NOT NULL,
+    requester_user_id   TEXT    NOT NULL,
+    requester_name      TEXT    NOT NULL,
+    origin_platform     TEXT    NOT NULL,
+    origin_channel_id   TEXT    NOT NULL,
+    origin_thread_id    TEXT    NOT NULL,
+    origin_message_ref  TEXT    NOT NULL,
+    -- the normalised request
+    prompt              TEXT    NOT NULL,
+    negative_prompt     TEXT    NOT NULL,
+    model_asked         TEXT,                               -- NULL: the router chose
+    model_used          TEXT    NOT NULL,
+    route_reason        TEXT    NOT NULL,
+    steps               INTEGER NOT NULL,
+    guidance            REAL    NOT NULL,
+    width               INTEGER NOT NULL,
+    height              INTEGER NOT NULL,
+    seed                INTEGER NOT NULL,
+    -- outcome
+    image_path          TEXT,                               -- relative to data_dir
+    error_kind          TEXT,
+    error_message       TEXT,
+    queue_wait_s        REAL    NOT NULL DEFAULT 0,
+    load_s              REAL    NOT NULL DEFAULT 0,
+    generate_s          REAL    NOT NULL DEFAULT 0,
+    total_s             REAL    NOT NULL DEFAULT 0,
+    attempt_count       INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX jobs_unfinished  ON jobs (seq) WHERE status IN ('queued', 'running');
+CREATE INDEX jobs_by_user     ON jobs (requester_platform, requester_user_id, seq);
+CREATE INDEX jobs_with_image  ON jobs (finished_at) WHERE image_path IS NOT NULL;
+
+CREATE TABLE attempts (
+    job_id        TEXT    NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    n             INTEGER NOT NULL CHECK (n >= 1),
+    model_id      TEXT    NOT NULL,
+    prompt_used   TEXT    NOT NULL,
+    started_at    REAL    NOT NULL,
+    finished_at   REAL,
+    outcome       TEXT    CHECK (outcome IN ('succeeded', 'failed', 'retried', 'interrupted')),
+                                                  -- NULL while the attempt runs
+    verdicts      TEXT,                           -- JSON: {"nsfw": {"flagged": true, "score": 0.9}}
+    retry_reason  TEXT,
+    PRIMARY KEY (job_id, n)
+);
+
+CREATE TABLE deliveries (
+    job_id      TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    platform    TEXT NOT NULL,
+    channel_id  TEXT NOT NULL,
+    message_id  TEXT NOT NULL,
+    kind        TEXT NOT NULL CHECK (kind IN ('status', 'result')),
+    created_at  REAL NOT NULL,
+    UNIQUE (platform, channel_id, message_id)         -- a message shows one job
+);
+CREATE INDEX deliveries_by_job ON deliveries (job_id);
+
+PRAGMA application_id = 1347438915;                  -- APPLICATION_ID, "PPIC"
+"""
+
+_V2_NSFW_ALLOWED = """
+-- 1 when the channel allowed adult images (JobRequest.nsfw_allowed): a job taken back after a
+-- restart runs under the safety rule it was asked under
+ALTER TABLE jobs ADD COLUMN nsfw_allowed INTEGER NOT NULL DEFAULT 0 CHECK (nsfw_allowed IN (0, 1));
+"""
+
+MIGRATIONS: list[str] = [_SCHEMA_V1, _V2_NSFW_ALLOWED]
+"""``MIGRATIONS[v]`` upgrades a file from ``user_version`` v to v + 1."""
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+# -- SQL the store runs ---------------------------------------------------------------------
+
+INSERT_JOB = """
+INSERT INTO jobs (id, status, created_at,
+                  requester_platform, requester_user_id, requester_name,
+                  origin_platform, origin_channel_id, origin_thread_id, origin_message_ref,
+                  prompt, negative_prompt, model_asked, model_used, route_reason,
+                  steps, guidance, width, height, seed, nsfw_allowed)
+VALUES (:id, :status, :created_at,
+        :requester_platform, :requester_user_id, :requester_name,
+        :origin_platform, :origin_channel_id, :origin_thread_id, :origin_message_ref,
+        :prompt, :negative_prompt, :model_asked, :model_used, :route_reason,
+        :steps, :guidance, :width, :height, :seed, :nsfw_allowed)
+"""
+
+FINISH_JOB = """
+UPDATE jobs
+   SET status        = :status,
+       finished_at   = :finished_at,
+       image_path    = :image_path,
+       error_kind    = :error_kind,
+       error_message = :error_message,
+       queue_wait_s  = CASE WHEN :keep THEN queue_wait_s ELSE :queue_wait_s END,
+       load_s        = CASE WHEN :keep THEN load_s       ELSE :load_s       END,
+       generate_s    = CASE WHEN :keep THEN generate_s   ELSE :generate_s   END,
+       total_s       = CASE WHEN :keep THEN total_s      ELSE :total_s      END
+ WHERE id = :id AND status IN ('queued', 'running')
+"""
+
+UPDATE_PARAMS = """
+UPDATE jobs
+   SET prompt = :prompt, negative_prompt = :negative_prompt, model_used = :model_used,
+       route_reason = :route_reason, steps = :steps, guidance = :guidance,
+       width = :width, height = :height, seed = :seed
+ WHERE id = :id
+"""
+
+RECENT_JOBS = """
+SELECT * FROM jobs
+ WHERE (:user_id  IS NULL OR requester_user_id  = :user_id)
+   AND (:platform IS NULL OR requester_platform = :platform)
+ ORDER BY seq DESC
+ LIMIT :limit
+"""
+
+UPSERT_DELIVERY = """
+INSERT INTO deliveries (job_id, platform, channel_id, message_id, kind, created_at)
+VALUES (:job_id, :platform, :channel_id, :message_id, :kind, :created_at)
+    ON CONFLICT (platform, channel_id, message_id)
+    DO UPDATE SET job_id = excluded.job_id, kind = excluded.kind
+"""
