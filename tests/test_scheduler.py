@@ -1,5 +1,5 @@
 """The scheduler: FIFO, model affinity, the fairness bounds over random traces, round-robin,
-the per-user cap, ETAs - and, once engine/core.py uses it, the same ordering end to end."""
+the per-user cap, ETAs - and the same ordering end to end through the engine (engine/core/)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Load each model family, place it on the device, free it; the device, dtype and start-up
-switches. The only diffusers import besides engine/tiny.py.
+switches. The only diffusers import besides the tiny twins (engine/tiny/).
 
 Every function here that touches torch ends in ``_blocking`` and runs on the GPU thread.
 A load that fails leaves as ``ModelLoadError`` or ``OutOfMemoryError`` (errors.py).

@@ -71,7 +71,7 @@ def generate_blocking(loaded: LoadedPipeline, params: GenerationParams, *, on_st
     )
     if params.negative_prompt and loaded.spec.family != "flux":
         # FLUX.1-dev is guidance-distilled: a negative prompt needs true CFG (twice the work), so
-        # it is not passed; docs/MODELS.md says so.
+        # it is not passed (README, "The models").
         kwargs["negative_prompt"] = params.negative_prompt
     if loaded.spec.family == "hidream":
         _fit_hidream_area(pipe, params.width, params.height)
