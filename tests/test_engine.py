@@ -49,6 +49,17 @@ async def test_each_family_renders_a_png_with_its_size_and_parameters(tiny_confi
     assert "Seed: 7" in image.text["parameters"]
 
 
+async def test_control_characters_never_reach_the_png_or_the_history(tiny_config: Config) -> None:
+    async with Engine(tiny_config) as engine:
+        handle = await engine.submit(JobRequest("a\x00 light\x07house at dusk\x1b\x7f", model="realvis_xl", steps=1,
+                                                width=64, height=64, seed=7, negative_prompt="\x00fog"))
+        result = await handle.result()
+        stored = await engine.history.get_job(handle.id)
+    meta = read_png_metadata(result.png)
+    assert (meta["prompt"], meta["negative_prompt"]) == ("a lighthouse at dusk", "fog")
+    assert stored is not None and (stored.params.prompt, stored.params.negative_prompt) == ("a lighthouse at dusk", "fog")
+
+
 async def test_same_seed_and_settings_give_the_same_bytes(tiny_config: Config) -> None:
     request = JobRequest("a red fox", model="realvis_xl", steps=2, width=64, height=64, seed=11)
     async with Engine(tiny_config) as engine:

@@ -50,6 +50,20 @@ def test_prompt_whitespace_is_collapsed(config: Config) -> None:
     assert params(config, prompt="  a\n\nfox   in  snow ").prompt == "a fox in snow"
 
 
+def test_control_characters_are_removed_from_prompts(config: Config) -> None:
+    # NUL, BEL, ESC, DEL and C1 go without a trace, so a word split by one is whole again
+    # (the safety prompt check then sees "cocaine", not "co" + NUL + "caine").
+    p = params(config, prompt="\x00a fox\x07 with co\x00caine\x1b[0m\x7f \x85", negative_prompt="fo\x00g\x9f")
+    assert p.prompt == "a fox with cocaine[0m" and p.negative_prompt == "fog"
+
+
+def test_a_prompt_of_control_characters_only_is_refused_and_shown_escaped(config: Config) -> None:
+    with pytest.raises(RequestError) as info:
+        params(config, prompt="\x00\x07 \x1b")
+    assert info.value.user_message == "`prompt` is '\\x00\\x07 \\x1b', but it must not be empty"
+    assert "\x00" not in info.value.user_message
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 from engine.config import Config, Limits, ModelSpec
 from engine.errors import RequestError
@@ -54,12 +55,19 @@ def normalise(request: JobRequest, model: ModelSpec, config: Config, *, route_re
                             route_reason=route_reason)
 
 
+# Control characters other than whitespace (NUL, ESC, DEL, the C1 range): removed from prompts.
+# Kept, they would reach the PNG metadata, captions and logs verbatim, and a word split by one
+# ("co\x00ke") would slip past the safety prompt check; removed, it is whole again.
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f]")
+
+
 def _text(field: str, value: object, limit: int, *, required: bool) -> str:
     if not isinstance(value, str):
         raise RequestError(field, value, "it must be text")
-    text = " ".join(value.split())  # newlines and runs of spaces add nothing to a prompt
+    # Newlines and runs of spaces add nothing to a prompt; control characters go (above).
+    text = " ".join(_CONTROL.sub("", value).split())
     if required and not text:
-        raise RequestError(field, value, "it must not be empty")
+        raise RequestError(field, value, "it must not be empty")  # shown with repr: escaped
     if len(text) > limit:
         raise RequestError(field, f"{len(text)} characters", f"it must be at most {limit} characters")
     return text
