@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
+import hmac
 import io
 import json
+import logging
 import os
 import re
 import signal
@@ -277,6 +280,42 @@ async def test_http_mode_serves_signed_requests_and_refuses_bad_or_stale_signatu
     assert ack == {} and first[0] == retried[0] == after[0] == 200
     assert len(rows) == 3 and [r.requester.user_id for r in rows].count(BOB) == 1
     assert "a forged fox" not in json.dumps([m.text for m in fake.messages.values()])
+
+
+async def test_http_mode_verifies_then_parses_malformed_bodies_get_a_4xx_and_the_bot_keeps_serving(
+        fake: FakeSlack, config: Config, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    form, as_json = "application/x-www-form-urlencoded", "application/json"
+
+    async def send(running: Running, body: bytes, content_type: str, *, sign: bool = True,
+                   **headers: str) -> int:
+        if sign:  # signed over the raw bytes, as Slack does
+            ts = str(int(time.time()))
+            digest = hmac.new(SIGNING_SECRET.encode(), b"v0:" + ts.encode() + b":" + body, hashlib.sha256).hexdigest()
+            headers |= {"X-Slack-Request-Timestamp": ts, "X-Slack-Signature": "v0=" + digest}
+        url = f"http://127.0.0.1:{running.app.http_port}/slack/events"
+        async with aiohttp.ClientSession() as session, \
+                session.post(url, data=body, headers={"Content-Type": content_type, **headers}) as response:
+            return response.status
+
+    async with bot(fake, config, mode="http") as running:
+        statuses = [
+            await send(running, b"command=%2Fimagine&text=a+fox+\xff\xfe", form),  # signed, not UTF-8
+            await send(running, b'{"type": "event_callback", "event": {"type": "reaction_', as_json),  # signed, cut short
+            await send(running, b"payload=%7B%22type%22%3A%20%22block_", form),  # signed, its JSON payload cut short
+            await send(running, b"\x00\xff garbage", form, sign=False),  # unsigned garbage
+            await send(running, b'{"type": "event_callb', as_json, sign=False),  # unsigned, cut short
+            await send(running, b"text=x", form, sign=False, **{"X-Slack-Request-Timestamp": "soon",
+                                                               "X-Slack-Signature": "v0=00"}),  # a timestamp that is no number
+        ]
+        payload, _ = await running.slash(f"a fox after the garbage --seed 5 {SMALL}")
+        await running.result_of(job_id_in((await running.answers(payload))[0]))
+        rows = await running.history_rows()
+    assert statuses == [400, 400, 400, 401, 401, 401]
+    assert [r.params.prompt for r in rows] == ["a fox after the garbage"]
+    assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage() and "HTTP request" in r.getMessage()]
+    assert sum("does not parse" in m for m in refused) == 3 and sum("signature" in m for m in refused) == 3
 
 
 # -- reactions ------------------------------------------------------------------------------------
