@@ -238,6 +238,44 @@ def test_nudenet_real_model_does_not_block_safe_images(nudenet: NudeNetDetector,
         assert verdict.detector == "nsfw" and 0.0 <= (verdict.score or 0.0) < 0.4
 
 
+def test_nudenet_real_path_flags_a_positive_and_feeds_the_model_rgb(nudenet: NudeNetDetector,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not only "safe images pass": the real path - our RGB conversion, NudeNet's own preprocessing,
+    the shipped ONNX session, NudeNet's post-processing (boxes, NMS, labels), our thresholds - flags
+    a positive. The session really runs on the real input; its class scores are then replaced by
+    a recorded-style detection (one box, FEMALE_BREAST_EXPOSED 0.9), since no explicit picture
+    belongs in a test suite."""
+    import numpy as np
+
+    model: Any = nudenet._model
+    real_session = model.onnx_session
+    seen: list[Any] = []
+
+    class RecordingSession:
+        def run(self, names: Any, feeds: dict[str, Any]) -> Any:
+            (blob,) = feeds.values()
+            seen.append(blob)
+            (out,) = real_session.run(names, feeds)  # (1, 4 + 18 classes, anchors)
+            out = np.array(out, copy=True)
+            out[0, 4:, :] = 0.0
+            out[0, :4, 0] = (160.0, 120.0, 80.0, 60.0)  # a box in the middle (centre x, y, width, height)
+            out[0, 4 + 3, 0] = 0.9  # class 3: FEMALE_BREAST_EXPOSED
+            return [out]
+
+    monkeypatch.setattr(model, "onnx_session", RecordingSession())
+    verdict = nudenet.check_blocking(Image.new("RGB", (320, 240), (255, 0, 0)))
+    assert verdict.flagged and verdict.detector == "nsfw"
+    assert verdict.score == pytest.approx(0.9, abs=1e-6) and "FEMALE_BREAST_EXPOSED 0.90" in verdict.detail
+    # A pure red picture reaches the model red in channel 0: RGB, the order YOLOv8 (ultralytics) trains in.
+    (blob,) = seen
+    assert blob.shape == (1, 3, 320, 320)
+    red, green, blue = (float(blob[0, c, :240, :].mean()) for c in range(3))
+    assert red == pytest.approx(1.0, abs=0.01) and green < 0.01 and blue < 0.01
+    # Below its threshold the same detection does not flag (the thresholds are the real ones).
+    strict = NudeNetDetector({"FEMALE_BREAST_EXPOSED": 0.95}, loader=lambda: model)
+    assert not strict.check_blocking(Image.new("RGB", (320, 240), (255, 0, 0))).flagged
+
+
 def test_missing_nudenet_package_is_a_config_error_naming_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
