@@ -4,7 +4,6 @@ image fitting, and the delivery's throttle. No platform and no model: a fake eng
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import io
 import logging
 import os
@@ -53,7 +52,7 @@ from engine import (
     Timings,
 )
 from engine.config import parse_config
-from engine.history import Deliveries, HistoryStore, ModelStats, StoredJob
+from engine.history import Deliveries, HistoryStore, StoredJob
 from tests.conftest import REPO, repo_config_raw
 
 ALICE = Actor("chat", "alice", "Alice")

@@ -3,11 +3,9 @@ the events through the engine, the terminal's preview file, and ETAs seeded from
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import io
 import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any

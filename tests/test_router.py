@@ -18,7 +18,7 @@ import pytest
 from engine.config import Config, RouterConfig, parse_config, validate_table
 from engine.errors import ConfigError, ModelLoadError
 from engine.llm import LLMCache
-from engine.router import CascadeRouter, RouteDecision, evaluate, read_examples
+from engine.router import CascadeRouter, evaluate, read_examples
 from engine.workers import WorkerThread
 from tests.conftest import REPO, repo_config_raw
 
