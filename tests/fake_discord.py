@@ -145,10 +145,16 @@ class FakeDiscord:
         assert self._gateway is not None, "no client is connected"
         await self._gateway.send_str(json.dumps({"op": 0, "t": event, "s": next(self._seq), "d": data}))
 
+    async def send_raw(self, frame: str) -> None:
+        """Send ``frame`` down the gateway as it is (say, one that is not JSON)."""
+        assert self._gateway is not None, "no client is connected"
+        await self._gateway.send_str(frame)
+
     async def slash(self, name: str, options: dict[str, Any] | None = None, *, user_id: int = ALICE,
                     roles: tuple[int, ...] = (), size_limit: int = 10 * 1024 * 1024,
-                    channel_id: int = CHANNEL_ID, app_permissions: int = 2**41 - 1) -> dict[str, Any]:
-        """Dispatch INTERACTION_CREATE for ``/name`` with ``options``; returns the payload."""
+                    channel_id: int = CHANNEL_ID, app_permissions: int = 2**41 - 1, send: bool = True) -> dict[str, Any]:
+        """Dispatch INTERACTION_CREATE for ``/name`` with ``options`` (unless ``send`` is false);
+        returns the payload."""
         kinds = {str: 3, bool: 5, int: 4, float: 10}
         interaction_id = next(self._ids)
         token = f"itoken-{interaction_id}"
@@ -164,7 +170,8 @@ class FakeDiscord:
                      "options": [{"name": k, "type": kinds[type(v)], "value": v} for k, v in (options or {}).items()]},
         }
         self.interactions[token] = payload
-        await self.dispatch("INTERACTION_CREATE", payload)
+        if send:
+            await self.dispatch("INTERACTION_CREATE", payload)
         return payload
 
     async def react(self, message_id: int | str, emoji: str, *, user_id: int = ALICE, roles: tuple[int, ...] = (),

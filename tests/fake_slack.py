@@ -196,6 +196,11 @@ class FakeSlack:
         await self._ws.send_str(json.dumps(message))
         return envelope_id
 
+    async def send_raw(self, frame: str) -> None:
+        """Send ``frame`` down the Socket Mode connection as it is (say, a truncated envelope)."""
+        assert self._ws is not None, "no Socket Mode client is connected"
+        await self._ws.send_str(frame)
+
     async def ack_of(self, envelope_id: str) -> dict[str, Any]:
         return await self.wait_for(lambda: self.acks.get(envelope_id))
 

@@ -23,6 +23,7 @@ from bot.console import ConsoleApp
 from bot.delivery import Delivery
 from bot.outlet import Outlet
 from bot.settings import Settings, load_settings
+from bot.supervise import supervise
 from engine import Config, Engine, HistoryStore
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,8 @@ class PlatformApp(Protocol):
     def outlet(self) -> Outlet: ...
 
     async def serve(self) -> None: ...
+
+    async def reset(self) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -168,7 +171,7 @@ async def serve(config: Config, settings: Settings, *, stop: asyncio.Event | Non
 
 async def serve_apps(core: BotCore, apps: list[PlatformApp], stop: asyncio.Event) -> int:
     serving: dict[asyncio.Task[Any], PlatformApp] = {
-        asyncio.create_task(app.serve(), name=f"serve-{app.platform}"): app for app in apps}
+        asyncio.create_task(supervise(app), name=f"serve-{app.platform}"): app for app in apps}
     delivering: asyncio.Task[Any] = asyncio.create_task(core.delivery.run(), name="delivery")
     stopping: asyncio.Task[Any] = asyncio.create_task(stop.wait(), name="stop")
     done, _ = await asyncio.wait({*serving, delivering, stopping}, return_when=asyncio.FIRST_COMPLETED)

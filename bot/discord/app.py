@@ -31,6 +31,7 @@ from bot import messages
 from bot.commands import Actor, AdminPolicy, Commands, ImagineOptions, Reply, Submitted
 from bot.discord.outlet import MESSAGE_LIMIT, NOBODY, PLATFORM, DiscordOutlet, pinging
 from bot.settings import DiscordSettings
+from bot.supervise import new_ref
 from engine import MAX_SEED, Config, Origin
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,26 @@ def actor_of(user: discord.abc.User) -> Actor:
     return Actor(platform=PLATFORM, user_id=str(user.id), display_name=user.display_name, role_ids=role_ids(user))
 
 
+def guard_parsers(parsers: dict[str, Callable[[Any], None]]) -> None:
+    """One gateway event discord.py cannot read (say an interaction whose ``member`` lacks
+    ``flags``) would end the whole connection; instead that event is dropped and logged once,
+    with a reference, and the connection serves on. Frames that are not JSON at all still end
+    it, and the supervisor (bot/supervise.py) reconnects."""
+    for event, parse in list(parsers.items()):
+        parsers[event] = _guarded(event, parse)
+
+
+def _guarded(event: str, parse: Callable[[Any], None]) -> Callable[[Any], None]:
+    def parse_or_drop(data: Any) -> None:
+        try:
+            parse(data)
+        except Exception as exc:
+            log.error("discord: dropped one %s event it could not read (ref %s: %s: %s); the connection serves on",
+                      event, new_ref(), type(exc).__name__, exc, exc_info=exc)
+
+    return parse_or_drop
+
+
 # -- the client and its slash commands -----------------------------------------------------------
 
 
@@ -97,6 +118,7 @@ class PromptPicsClient(discord.Client):
         self.tree = app_commands.CommandTree(self)
         _add_commands(self.tree, config, self._running_app)
         self.tree.error(self._on_command_error)
+        guard_parsers(self._connection.parsers)
 
     def _running_app(self) -> "DiscordApp":
         assert self.app is not None, "this client only syncs commands"
@@ -207,6 +229,7 @@ class DiscordApp:
     def __init__(self, commands: Commands, settings: DiscordSettings, **client_options: Any) -> None:
         self.commands, self.settings = commands, settings
         self.connected = asyncio.Event()  # set once the gateway is ready; delivery waits for it
+        self._client_options = client_options
         self.client = PromptPicsClient(commands.config, self, **client_options)
         self._upload_limits: LRUCache[str, int] = LRUCache(maxsize=UPLOAD_LIMITS_REMEMBERED)  # job id -> limit
         self.outlet = DiscordOutlet(self.client, settings, self._upload_limits, self.connected)
@@ -221,6 +244,14 @@ class DiscordApp:
             raise RuntimeError("DISCORD_TOKEN is not set")
         point_at(self.settings)
         await self.client.start(self.settings.token)
+
+    async def reset(self) -> None:
+        """After a failure (bot/supervise.py): close what is left and start over on a new client
+        (a closed discord.Client is not meant to start again); posts wait for ``connected``."""
+        self.connected.clear()
+        await self.client.close()
+        self.client = PromptPicsClient(self.commands.config, self, **self._client_options)
+        self.outlet.use(self.client)
 
     async def close(self) -> None:
         await self.client.close()

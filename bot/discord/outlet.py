@@ -46,6 +46,10 @@ class DiscordOutlet:
         self._client, self._settings, self._upload_limits = client, settings, upload_limits
         self._connected = connected
 
+    def use(self, client: discord.Client) -> None:
+        """The app's new client after a reconnect (bot/supervise.py)."""
+        self._client = client
+
     def mention(self, user_id: str) -> str:
         return f"<@{user_id}>"
 

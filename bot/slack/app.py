@@ -27,7 +27,6 @@ from typing import Any
 from aiohttp import web
 from cachetools import LRUCache
 from slack_bolt.adapter.aiohttp import to_aiohttp_response
-from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncApp
 from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_sdk.errors import SlackApiError
@@ -55,6 +54,7 @@ from bot.slack.outlet import (
     slack_text,
     unescape,
 )
+from bot.slack.socket import CheckedSocketModeHandler
 from engine import Origin, StoredJob
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class SlackApp:
         self._seen: LRUCache[str, None] = LRUCache(maxsize=REMEMBERED)  # "event:<id>", "command:<trigger_id>"
         self._responders: LRUCache[str, str] = LRUCache(maxsize=REMEMBERED)  # job id -> its /imagine's response_url
         self._notices: LRUCache[str, str] = LRUCache(maxsize=REMEMBERED)  # job id -> why its channel refused it
-        self._socket: AsyncSocketModeHandler | None = None
+        self._socket: CheckedSocketModeHandler | None = None
         self._runner: web.AppRunner | None = None
         self._closed = asyncio.Event()
         self.outlet = SlackOutlet(self.client, settings.emoji_names, self._cannot_post)
@@ -118,7 +118,8 @@ class SlackApp:
         """Check the tokens, connect (Socket Mode) or listen (HTTP), and serve until closed."""
         url = await self._log_in()
         if url is not None:
-            self._socket = AsyncSocketModeHandler(self.bolt, app_token=self.settings.app_token, web_client=self.client)
+            self._socket = CheckedSocketModeHandler(self.bolt, app_token=self.settings.app_token or "",
+                                                   web_client=self.client)
             self._socket.client.wss_uri = url  # the one apps.connections.open just issued (it checked the token)
             await self._socket.connect_async()
             log.info("slack: connected as %s (Socket Mode)", self.bot_name)
@@ -126,6 +127,16 @@ class SlackApp:
             await self._listen()
         self.connected.set()
         await self._closed.wait()
+
+    async def reset(self) -> None:
+        """After a failure (bot/supervise.py): drop the connection or listener so ``serve()`` starts anew."""
+        self.connected.clear()
+        socket, self._socket = self._socket, None
+        runner, self._runner = self._runner, None
+        if socket is not None:
+            await socket.close_async()
+        if runner is not None:
+            await runner.cleanup()
 
     async def close(self) -> None:
         self._closed.set()
