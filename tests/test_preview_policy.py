@@ -89,6 +89,25 @@ async def test_each_published_preview_is_a_picture_the_detectors_passed_first(ti
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(preview.image)).convert("RGB")), checked)
 
 
+class FlagsFirstFinal(FlagsPreviews):
+    """Passes every preview and flags the first final image only."""
+
+    def check_blocking(self, image: Any, *, pipeline_output: Any = None) -> Verdict:
+        if max(image.size) <= PREVIEW_SIDE:
+            return super().check_blocking(image)
+        self.finals += 1
+        return Verdict(self.name, self.finals == 1, 0.9 if self.finals == 1 else 0.1, "double")
+
+
+async def test_a_checked_preview_of_an_attempt_rejected_later_is_withdrawn(tiny_config: Config) -> None:
+    nsfw = FlagsFirstFinal(flag=False)
+    events, _ = await run_job(with_previews(tiny_config, EVERY_STEP), nsfw)
+    shown = [(e.step, e.withdrawn) for e in previews_in(events)]
+    assert shown == [(1, False), (2, False), (3, False), (4, False), (0, True),
+                     (1, False), (2, False), (3, False), (4, False)]
+    assert isinstance(events[-1], JobFinished) and nsfw.finals == 2
+
+
 async def test_a_black_preview_is_dropped_even_where_nsfw_is_allowed(tiny_config: Config) -> None:
     black = FlagsPreviews("black_double", "black")
     events, published = await run_job(with_previews(tiny_config, EVERY_STEP), black, nsfw_allowed=True)
