@@ -23,6 +23,7 @@ SMALLEST: dict[str, list[str]] = {
     "engine_overhead.py": ["--jobs", "2", "--steps", "1", "--size", "64"],
     "eta.py": ["--mode", "sim", "--history-jobs", "4", "--jobs", "6", "--gap", "2", "--scale", "0.002"],
     "previews.py": ["--sizes", "64", "--repeats", "1", "--tiny-steps", "2"],
+    "preview_safety.py": ["--runs", "1", "--sides", "64"],
     "router_eval.py": ["--profile", "tiny", "--stages", "rules,embeddings"],
     "router_fit.py": ["--precision", "0.5"],
     "router_gpu_check.py": ["cpu"],

@@ -232,7 +232,8 @@ async def test_previews_arrive_as_job_events_between_the_steps(tiny_config: Conf
 
 
 async def test_a_rejected_attempts_preview_is_withdrawn_before_the_retry(tiny_config: Config) -> None:
-    config = tiny_config.model_copy(update={"previews": EVERY_STEP})
+    # "unchecked": the previews go out before any check, so the rejected attempt's must be taken back
+    config = tiny_config.model_copy(update={"previews": EVERY_STEP.model_copy(update={"policy": "unchecked"})})
     async with Engine(config, runner_factory=runner_with(FlagsFirstOnly())) as engine:
         handle = await engine.submit(JobRequest("a red fox", model="flux_dev", steps=3, width=64, height=64))
         events = [e async for e in handle.events()]

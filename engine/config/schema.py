@@ -131,9 +131,13 @@ class ResidencySettings(SettingsModel):
 
 class PreviewSettings(SettingsModel):
     """A preview goes out when at least ``every_steps`` steps *and* ``min_interval_s`` seconds
-    have passed since the last one (so the rarer of the two rules)."""
+    have passed since the last one (so the rarer of the two rules), and when ``policy`` lets it
+    (engine/pipelines/preview_gate.py): ``"checked"`` runs the cheap image detectors on each
+    preview picture first, ``"nsfw_channels_only"`` shows previews only in NSFW-allowed
+    channels, ``"unchecked"`` shows them everywhere before any check."""
 
     enabled: StrictBool = True
+    policy: Literal["checked", "nsfw_channels_only", "unchecked"] = "checked"
     every_steps: StrictInt = Field(4, ge=1, le=1000)
     min_interval_s: StrictFloat = _seconds(2.0, ge=0.0)
     max_side: StrictInt = Field(256, ge=16, le=1024)  # pixels on the long side

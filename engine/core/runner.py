@@ -17,7 +17,7 @@ from engine.config import Config
 from engine.images import encode_png
 from engine.jobs import GenerationParams
 from engine.llm import LLMCache
-from engine.pipelines import LoadedPipeline, PreviewCallback, generate_blocking
+from engine.pipelines import LoadedPipeline, PreviewCallback, generate_blocking, preview_callback
 from engine.residency import ResidencyManager
 from engine.safety import Attempt, SafetyPolicy
 
@@ -63,8 +63,12 @@ class JobRunner:
             spent["load"] += load_s
             # 2. generate; out of memory is recovered by phase (engine/residency/)
             started = time.perf_counter()
+            # each attempt starts with previews on again; under "checked" each one is checked first
+            previews = preview_callback(self._config.previews, on_preview, nsfw_allowed=nsfw_allowed, job_id=job_id,
+                                        check=lambda picture: self.safety.preview_problem_blocking(
+                                            picture, nsfw_allowed=nsfw_allowed))
             try:
-                return self._generate_blocking(job_id, loaded, p, on_step, cancel, on_preview)
+                return self._generate_blocking(job_id, loaded, p, on_step, cancel, previews)
             finally:
                 spent["generate"] += time.perf_counter() - started
 

@@ -4,6 +4,7 @@
     run.py        generate_blocking: the step callback (progress, previews, NaN check), cancel
     errors.py     foreign errors -> the engine's (out of memory, a broken or missing model)
     previews.py   latent -> small RGB previews from the step callback, without the VAE
+    preview_gate.py  [previews] policy: which previews may leave the GPU thread (checked first)
 """
 
 from engine.pipelines.errors import is_out_of_memory, translate_error
@@ -19,9 +20,11 @@ from engine.pipelines.loaders import (
 )
 from engine.pipelines.previews import LatentPreviewer, Preview
 from engine.pipelines.run import PreviewCallback, StepCallback, generate_blocking
+from engine.pipelines.preview_gate import CheckedPreviews, PreviewCheck, preview_callback
 
 __all__ = [
-    "LatentPreviewer", "LoadedPipeline", "Preview", "PreviewCallback", "StepCallback",
+    "CheckedPreviews", "LatentPreviewer", "LoadedPipeline", "Preview", "PreviewCallback", "PreviewCheck",
+    "StepCallback", "preview_callback",
     "configure_torch_blocking", "free_memory_blocking", "generate_blocking", "is_out_of_memory",
     "load_pipeline_blocking", "pipeline_nbytes", "release_blocking",
     "resolve_device_blocking", "resolve_dtype", "translate_error",

@@ -95,6 +95,16 @@ class SafetyPolicy:
             if load is not None:
                 load()
 
+    def preview_problem_blocking(self, image: Any, *, nsfw_allowed: bool = False) -> str | None:
+        """The loop's image rule on a preview picture: ``"black"`` in any channel, ``"nsfw"`` unless
+        the channel allows it, else ``None``. Where NSFW is allowed the NSFW detectors do not run
+        at all; with ``[safety] enabled = false`` nothing runs, as for the final image."""
+        if not self._config.enabled:
+            return None
+        verdicts = {d.name: d.check_blocking(image) for d in self._detectors
+                    if not (nsfw_allowed and d.kind == "nsfw")}
+        return self._problem(verdicts, nsfw_allowed)
+
     # -- the loop --------------------------------------------------------------------------
 
     def run_blocking(self, params: GenerationParams, generate: Callable[[GenerationParams], Any], *,
