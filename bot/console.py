@@ -27,7 +27,7 @@ from engine import JobStatus, Origin, StoredJob, write_atomic
 log = logging.getLogger(__name__)
 
 PLATFORM = "console"
-ADMINS = AdminPolicy(everyone=True)  # whoever holds the terminal owns the machine
+ADMINS = AdminPolicy(everyone=True, every_server=True)  # whoever holds the terminal owns the machine
 
 
 class ConsoleOutlet:

@@ -168,8 +168,9 @@ def unknown_job(job_id: str) -> str:
     return f"There is no job `{job_id}` in the history."
 
 
-def not_your_platform(job_id: str) -> str:
-    return f"Job `{job_id}` was made elsewhere; only an admin can look at it from here."
+def image_withheld(job_id: str) -> str:
+    return (f"The image of job `{job_id}` is not attached here: it was made in a channel that allows adult "
+            "images, so it is shown only in such a channel.")
 
 
 def job_not_active(job_id: str, status: str) -> str:
@@ -226,8 +227,8 @@ def stats_reply(stats: Iterable[ModelStats]) -> str:
 
 def history_reply(jobs: Sequence[StoredJob]) -> str:
     if not jobs:
-        return "You have no jobs yet. Try `/imagine`."
-    lines = ["Your recent jobs:"]
+        return "You have no jobs here yet. Try `/imagine`."
+    lines = ["Your recent jobs here:"]
     for j in jobs:
         when = datetime.fromtimestamp(j.created_at, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         prompt = j.params.prompt if len(j.params.prompt) <= 60 else j.params.prompt[:59] + "…"

@@ -29,12 +29,14 @@ class Requester:
 
 @dataclass(frozen=True, slots=True)
 class Origin:
-    """Where the answer goes: plain references the delivery side can resolve again."""
+    """Where the answer goes: plain references the delivery side can resolve again, and the
+    server it was asked in (who may look at the job later, bot/commands/scope.py)."""
 
     platform: str = "cli"
     channel_id: str = ""
     thread_id: str = ""
     message_ref: str = ""
+    server_id: str = ""  # Discord guild id, Slack team id; "" for a DM, the terminal or a job from before schema v3
 
 
 @dataclass(frozen=True, slots=True)

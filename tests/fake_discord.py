@@ -25,6 +25,10 @@ BOT_USER = {"id": str(APP_ID), "username": "PromptPics", "discriminator": "0", "
 GUILD_ID = 900000000000000100
 CHANNEL_ID = 900000000000000200
 OTHER_CHANNEL_ID = 900000000000000201
+ADULT_CHANNEL_ID = 900000000000000202  # age-restricted ("NSFW") in Discord's channel settings
+OTHER_GUILD_ID = 900000000000000110  # a second server: the bot is in it, the gateway sends nothing of it
+OTHER_GUILD_CHANNEL_ID = 900000000000000210
+ADULT_CHANNELS = {ADULT_CHANNEL_ID}
 ADMIN_ROLE_ID = 900000000000000300
 ALICE, BOB, ADMIN = 900000000000000401, 900000000000000402, 900000000000000403
 BOT_TOKEN = "fake-bot-token"
@@ -152,7 +156,8 @@ class FakeDiscord:
 
     async def slash(self, name: str, options: dict[str, Any] | None = None, *, user_id: int = ALICE,
                     roles: tuple[int, ...] = (), size_limit: int = 10 * 1024 * 1024,
-                    channel_id: int = CHANNEL_ID, app_permissions: int = 2**41 - 1, send: bool = True) -> dict[str, Any]:
+                    channel_id: int = CHANNEL_ID, app_permissions: int = 2**41 - 1,
+                    guild_id: int = GUILD_ID, send: bool = True) -> dict[str, Any]:
         """Dispatch INTERACTION_CREATE for ``/name`` with ``options`` (unless ``send`` is false);
         returns the payload."""
         kinds = {str: 3, bool: 5, int: 4, float: 10}
@@ -160,12 +165,12 @@ class FakeDiscord:
         token = f"itoken-{interaction_id}"
         payload = {
             "id": str(interaction_id), "application_id": str(APP_ID), "type": 2, "token": token, "version": 1,
-            "guild_id": str(GUILD_ID), "channel_id": str(channel_id),
-            "channel": {"id": str(channel_id), "type": 0, "guild_id": str(GUILD_ID), "name": "general", "position": 0,
-                        "permission_overwrites": [], "nsfw": False},
+            "guild_id": str(guild_id), "channel_id": str(channel_id),
+            "channel": {"id": str(channel_id), "type": 0, "guild_id": str(guild_id), "name": "general", "position": 0,
+                        "permission_overwrites": [], "nsfw": channel_id in ADULT_CHANNELS},
             "member": member(user_id, roles), "app_permissions": str(app_permissions), "locale": "en-US",
             "guild_locale": "en-US", "entitlements": [], "attachment_size_limit": size_limit, "context": 0,
-            "authorizing_integration_owners": {"0": str(GUILD_ID)},
+            "authorizing_integration_owners": {"0": str(guild_id)},
             "data": {"id": str(next(self._ids)), "name": name, "type": 1,
                      "options": [{"name": k, "type": kinds[type(v)], "value": v} for k, v in (options or {}).items()]},
         }
@@ -343,11 +348,12 @@ class FakeDiscord:
         channel = {"id": str(CHANNEL_ID), "type": 0, "name": "general", "position": 0, "permission_overwrites": [],
                    "guild_id": str(GUILD_ID), "nsfw": False}
         other = {**channel, "id": str(OTHER_CHANNEL_ID), "name": "art", "position": 1}
+        adult = {**channel, "id": str(ADULT_CHANNEL_ID), "name": "after-dark", "position": 2, "nsfw": True}
         guild = {"id": str(GUILD_ID), "name": "Fake Guild", "owner_id": str(ALICE), "unavailable": False,
                  "member_count": 3, "large": False, "features": [], "emojis": [], "stickers": [], "premium_tier": 0,
                  "roles": [{"id": str(GUILD_ID), "name": "@everyone", "permissions": "104324673", "position": 0},
                            {"id": str(ADMIN_ROLE_ID), "name": "art admins", "permissions": "0", "position": 1}],
-                 "channels": [channel, other], "threads": [], "members": [member(APP_ID)], "voice_states": [],
+                 "channels": [channel, other, adult], "threads": [], "members": [member(APP_ID)], "voice_states": [],
                  "presences": [], "joined_at": "2024-01-01T00:00:00+00:00"}
         await ws.send_str(json.dumps({"op": 0, "t": "GUILD_CREATE", "s": next(self._seq), "d": guild}))
         self.identified.set()

@@ -23,6 +23,7 @@ from aiohttp import WSMsgType, web
 from slack_sdk.signature import SignatureVerifier
 
 TEAM_ID = "T0FAKE0001"
+OTHER_TEAM_ID = "T0OTHER001"  # a second workspace the app is installed in
 APP_ID = "A0FAKE0001"
 BOT_USER = "U0BOT00001"
 BOT_ID = "B0BOT00001"
@@ -35,7 +36,8 @@ PEOPLE_DM = "D0PEOPLE01"  # a direct message between two people: the bot cannot 
 BOT_TOKEN = "xoxb-fake-bot-token"
 APP_TOKEN = "xapp-fake-app-token"
 SIGNING_SECRET = "fake-signing-secret"
-MEMBER_OF = {CHANNEL: True, ADULT_CHANNEL: True, OUTSIDE_CHANNEL: False}
+OTHER_TEAM_CHANNEL = "C0ELSEWHR1"  # in OTHER_TEAM_ID's workspace; the bot is a member
+MEMBER_OF = {CHANNEL: True, ADULT_CHANNEL: True, OUTSIDE_CHANNEL: False, OTHER_TEAM_CHANNEL: True}
 
 
 @dataclass
@@ -166,9 +168,10 @@ class FakeSlack:
 
     # -- payloads, as Slack sends them ---------------------------------------------------------
 
-    def command(self, command: str, text: str, *, user: str = ALICE, channel: str = CHANNEL) -> dict[str, Any]:
+    def command(self, command: str, text: str, *, user: str = ALICE, channel: str = CHANNEL,
+                team: str = TEAM_ID) -> dict[str, Any]:
         n = next(self._ids)
-        return {"token": "deprecated-verification-token", "team_id": TEAM_ID, "team_domain": "fake",
+        return {"token": "deprecated-verification-token", "team_id": team, "team_domain": "fake",
                 "channel_id": channel, "channel_name": "general", "user_id": user, "user_name": user.lower(),
                 "command": command, "text": text, "api_app_id": APP_ID, "is_enterprise_install": "false",
                 "response_url": f"{self.base}/response/{n}", "trigger_id": f"{n}.trigger"}

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from bot import messages
+from bot.console import ADMINS as CONSOLE_ADMINS
 from bot.commands import (
     Actor,
     AdminPolicy,
@@ -247,12 +248,101 @@ async def test_reactions_regenerate_switch_and_cancel(config: Config, history: H
     assert (await commands.react(BOB, finished, "❌", here)).text.endswith("can delete it.")
 
 
-async def test_show_keeps_other_platforms_jobs_to_admins(config: Config, history: HistoryStore) -> None:
+# -- /show and /history scope (bot/commands/scope.py) ---------------------------------------------
+
+G1_ROOM = Origin("chat", "room-1", server_id="g1")
+G1_ADULT = Origin("chat", "room-adult", server_id="g1")
+G2_ROOM = Origin("chat", "room-7", server_id="g2")
+A_DM = Origin("chat", "dm-alice", server_id="")
+
+
+async def made(history: HistoryStore, where: Origin, *, adult: bool = False, by: Actor = ALICE) -> StoredJob:
+    """A finished job with its PNG, asked by ``by`` in ``where``."""
+    job = await history.record_queued(requester=by.requester, origin=where, model_asked=None, params=PARAMS,
+                                      created_at=time.time(), nsfw_allowed=adult)
+    await history.record_succeeded(job.id, png=b"\x89PNG fake", timings=Timings(), finished_at=time.time())
+    done = await history.get_job(job.id)
+    assert done is not None and done.image_path is not None
+    return done
+
+
+def sight_of(reply: Reply, job: StoredJob) -> str:
+    """What /show let through: "none" (answered like an unknown id), "text" or "full" (with the image)."""
+    if reply == Reply(messages.unknown_job(job.id), ok=False):
+        return "none"
+    assert reply.ok and reply.text.startswith(f"Job `{job.id}`: succeeded")
+    if reply.image_path is None:
+        assert reply.text.endswith(messages.image_withheld(job.id))  # says why
+        return "text"
+    assert reply.image_path == str(job.image_path) and "not attached" not in reply.text
+    return "full"
+
+
+SCOPE = [  # asker, where, the channel's own adult flag -> sight of (the SFW job, the adult-allowed job, the DM job)
+    (ALICE, G1_ROOM, False, ("full", "text", "full")),  # requester, another channel of the same server
+    (ALICE, G1_ADULT, True, ("full", "full", "full")),  # requester in an adult channel: the image comes along
+    (ALICE, G2_ROOM, False, ("none", "none", "full")),  # requester, another server: only the DM job
+    (ALICE, A_DM, False, ("full", "text", "full")),  # requester in a DM: everything of the platform
+    (BOB, G1_ROOM, False, ("full", "none", "none")),  # another user, same server: SFW jobs only
+    (BOB, G1_ADULT, True, ("full", "none", "none")),  # ... even in an adult channel
+    (BOB, G2_ROOM, False, ("none", "none", "none")),
+    (BOB, A_DM, False, ("none", "none", "none")),
+    (BOSS, G1_ROOM, False, ("full", "text", "none")),  # an admin: all of the server, images by the channel rule
+    (BOSS, G1_ADULT, True, ("full", "full", "none")),
+    (BOSS, G2_ROOM, False, ("none", "none", "none")),  # ... but not another server's
+    (Actor("other", "alice"), Origin("other", "room-1", server_id="g1"), False, ("none", "none", "none")),
+]
+
+
+@pytest.mark.parametrize(("asker", "where", "adult_channel", "expected"), SCOPE)
+async def test_show_answers_by_server_requester_admin_and_adult_channel(
+        config: Config, history: HistoryStore, asker: Actor, where: Origin, adult_channel: bool,
+        expected: tuple[str, str, str]) -> None:
     commands = make_commands(config, history)
-    job = await stored(history, requester=Actor("slack", "U1"))
-    assert (await commands.show(ALICE, job.id)) == Reply(messages.not_your_platform(job.id), ok=False)
-    shown = await commands.show(BOSS, f" {job.id.upper()} ")
-    assert shown.ok and shown.text.startswith(f"Job `{job.id}`: queued") and "seed 7" in shown.text
+    jobs = [await made(history, G1_ROOM), await made(history, G1_ADULT, adult=True), await made(history, A_DM)]
+    seen = [sight_of(await commands.show(asker, job.id, where, adult_channel=adult_channel), job) for job in jobs]
+    assert tuple(seen) == expected
+    listed = (await commands.history(asker, where, adult_channel=adult_channel)).text
+    mine = [s if asker == ALICE else "none" for s in expected]  # /history lists the asker's own jobs only
+    assert [f"`{job.id}`" in listed for job in jobs] == [s != "none" for s in mine]
+
+
+async def test_the_safety_allow_list_makes_a_channel_adult_for_show_too(config: Config, history: HistoryStore) -> None:
+    allow = config.model_copy(update={"safety": config.safety.model_copy(update={"nsfw_allowed_channels": ("chat:room-9",)})})
+    commands = make_commands(allow, history)
+    adult = await made(history, G1_ADULT, adult=True)
+    assert sight_of(await commands.show(ALICE, adult.id, Origin("chat", "room-9", server_id="g1")), adult) == "full"
+    assert sight_of(await commands.show(ALICE, adult.id, G1_ROOM), adult) == "text"
+
+
+async def test_another_servers_job_answers_exactly_like_an_unknown_id(config: Config, history: HistoryStore) -> None:
+    commands = make_commands(config, history)
+    job = await made(history, G1_ROOM)
+    hidden = await commands.show(BOB, f" {job.id.upper()} ", G2_ROOM)
+    unknown = await commands.show(BOB, "zzzzzz", G2_ROOM)
+    assert (hidden, unknown) == (Reply(messages.unknown_job(job.id.upper()), ok=False),
+                                 Reply(messages.unknown_job("zzzzzz"), ok=False))
+    assert await commands.run_line(BOB, f"/show {job.id}", G2_ROOM) == Reply(messages.unknown_job(job.id), ok=False)
+    assert await commands.run_line(BOB, f"/react {job.id} 🔁", G2_ROOM) == Reply(messages.unknown_job(job.id), ok=False)
+    assert commands.engine.submitted == []  # no key to another server's prompt either
+
+
+async def test_history_in_another_server_lists_none_of_that_servers_jobs(config: Config, history: HistoryStore) -> None:
+    commands = make_commands(config, history, history_limit=2)
+    older = await made(history, G2_ROOM)
+    for _ in range(3):  # newer jobs elsewhere do not push g2's out of its /history
+        await made(history, G1_ROOM)
+    listed = (await commands.history(ALICE, G2_ROOM)).text
+    assert listed.startswith("Your recent jobs here:") and f"`{older.id}`" in listed and listed.count("\n") == 1
+    assert (await commands.history(BOB, G2_ROOM)).text == "You have no jobs here yet. Try `/imagine`."
+
+
+async def test_the_terminal_sees_every_servers_jobs(config: Config, history: HistoryStore) -> None:
+    engine = FakeEngine(config, history)
+    commands = Commands(engine, BotSettings(), {"console": CONSOLE_ADMINS})  # type: ignore[arg-type]
+    me, terminal = Actor("console", "me"), Origin("console", "terminal")
+    adult = await made(history, G1_ADULT, adult=True)
+    assert sight_of(await commands.show(me, adult.id, terminal), adult) == "full"
 
 
 # -- ETA, errors, text ---------------------------------------------------------------------------

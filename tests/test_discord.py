@@ -34,12 +34,15 @@ from tests.conftest import REPO, make_tiny_config
 from tests.fake_discord import (
     ADMIN,
     ADMIN_ROLE_ID,
+    ADULT_CHANNEL_ID,
     ALICE,
     BOB,
     BOT_TOKEN,
     CHANNEL_ID,
     GUILD_ID,
     OTHER_CHANNEL_ID,
+    OTHER_GUILD_CHANNEL_ID,
+    OTHER_GUILD_ID,
     FakeDiscord,
 )
 
@@ -239,7 +242,7 @@ async def test_regenerate_and_switch_model_reactions_work_after_a_restart(fake: 
     by_model = {r.params.model_id: r for r in rows.values()}
     regenerated, switched = by_model["flux_dev"], by_model["realvis_xl"]
     for job in (regenerated, switched):  # linked to the image reacted to, answered where it was
-        assert job.origin == Origin("discord", str(CHANNEL_ID), "", original["id"])
+        assert job.origin == Origin("discord", str(CHANNEL_ID), "", original["id"], server_id=str(GUILD_ID))
         assert job.requester.user_id == str(BOB) and job.status is JobStatus.SUCCEEDED
         assert job.params.prompt == first.params.prompt and (job.params.width, job.params.height) == (64, 64)
     assert regenerated.params.steps == first.params.steps and regenerated.params.seed != first.params.seed
@@ -408,10 +411,65 @@ async def test_history_and_show_are_for_everyone(fake: FakeDiscord, config: Conf
         shown = await running.reply_to(await fake.slash("show", {"job_id": job_id.upper()}, user_id=BOB))
         missing = await running.reply_to(await fake.slash("show", {"job_id": "zzzzzz"}, user_id=BOB))
     assert f"`{job_id}`" in mine["content"] and "a small boat" in mine["content"]
-    assert theirs["content"] == "You have no jobs yet. Try `/imagine`."
+    assert theirs["content"] == "You have no jobs here yet. Try `/imagine`."
     assert shown["content"].startswith(f"Job `{job_id}`: succeeded") and "seed 3" in shown["content"]
     assert list(shown["files"]) == [f"{job_id}.png"]  # the image comes along
     assert missing["content"] == "There is no job `zzzzzz` in the history."
+
+
+async def test_show_and_history_keep_to_the_server_and_adult_images_to_adult_channels(fake: FakeDiscord,
+                                                                                    config: Config) -> None:
+    async with bot(fake, config) as running:
+        async def made(channel_id: int, guild_id: int = GUILD_ID, user_id: int = ALICE) -> str:
+            asked = await fake.slash("imagine", {"prompt": f"a lantern in {channel_id}", **SMALL}, user_id=user_id,
+                                     channel_id=channel_id, guild_id=guild_id)
+            job_id = job_id_in((await running.reply_to(asked))["content"])
+            await running.result_of(job_id, channel_id=channel_id)
+            return job_id
+
+        async def ask(name: str, user_id: int, channel_id: int, guild_id: int = GUILD_ID, **options: Any) -> dict[str, Any]:
+            asked = await fake.slash(name, options, user_id=user_id, channel_id=channel_id, guild_id=guild_id)
+            return await running.reply_to(asked)
+
+        sfw, adult = await made(CHANNEL_ID), await made(ADULT_CHANNEL_ID)
+        theirs = await made(OTHER_GUILD_CHANNEL_ID, OTHER_GUILD_ID, user_id=BOB)  # Bob's, in another server
+        rows = {r.id: r for r in await running.history_rows()}
+        show = {  # (who, where, which job) -> the private answer
+            "alice, other channel, sfw": await ask("show", ALICE, OTHER_CHANNEL_ID, job_id=sfw),
+            "bob, same server, sfw": await ask("show", BOB, CHANNEL_ID, job_id=sfw),
+            "bob, other server, sfw": await ask("show", BOB, OTHER_GUILD_CHANNEL_ID, OTHER_GUILD_ID, job_id=sfw),
+            "bob, adult channel, adult": await ask("show", BOB, ADULT_CHANNEL_ID, job_id=adult),
+            "alice, sfw channel, adult": await ask("show", ALICE, CHANNEL_ID, job_id=adult),
+            "alice, adult channel, adult": await ask("show", ALICE, ADULT_CHANNEL_ID, job_id=adult),
+            "alice, this server, theirs": await ask("show", ALICE, CHANNEL_ID, job_id=theirs),
+            "admin, sfw channel, adult": await ask("show", ADMIN, OTHER_CHANNEL_ID, job_id=adult),
+            "admin, adult channel, adult": await ask("show", ADMIN, ADULT_CHANNEL_ID, job_id=adult),
+            "admin, this server, theirs": await ask("show", ADMIN, CHANNEL_ID, job_id=theirs),
+        }
+        history = {
+            "alice, here": await ask("history", ALICE, OTHER_CHANNEL_ID),
+            "alice, other server": await ask("history", ALICE, OTHER_GUILD_CHANNEL_ID, OTHER_GUILD_ID),
+            "bob, here": await ask("history", BOB, CHANNEL_ID),
+            "bob, other server": await ask("history", BOB, OTHER_GUILD_CHANNEL_ID, OTHER_GUILD_ID),
+        }
+    # Each job recorded the server it was asked in; only the age-restricted channel's allows adult images.
+    assert [(rows[j].origin.server_id, rows[j].nsfw_allowed) for j in (sfw, adult, theirs)] == [
+        (str(GUILD_ID), False), (str(GUILD_ID), True), (str(OTHER_GUILD_ID), False)]
+    with_image = {k for k, m in show.items() if m["files"]}
+    unknown = {k for k, m in show.items() if m["content"].startswith("There is no job")}
+    assert with_image == {"alice, other channel, sfw", "bob, same server, sfw", "alice, adult channel, adult",
+                          "admin, adult channel, adult"}
+    assert unknown == {"bob, other server, sfw", "bob, adult channel, adult", "alice, this server, theirs",
+                       "admin, this server, theirs"}
+    assert show["bob, other server, sfw"]["content"] == f"There is no job `{sfw}` in the history."  # as for "zzzzzz"
+    for key in ("alice, sfw channel, adult", "admin, sfw channel, adult"):  # the text, and why there is no image
+        assert show[key]["content"].startswith(f"Job `{adult}`: succeeded") and not show[key]["files"]
+        assert show[key]["content"].endswith(f"The image of job `{adult}` is not attached here: it was made in a "
+                                             "channel that allows adult images, so it is shown only in such a channel.")
+    assert all(m["flags"] & 64 for m in [*show.values(), *history.values()])  # every answer private (ephemeral)
+    listed = {k: [j for j in (sfw, adult, theirs) if f"`{j}`" in m["content"]] for k, m in history.items()}
+    assert listed == {"alice, here": [sfw, adult], "alice, other server": [], "bob, here": [],
+                      "bob, other server": [theirs]}
 
 
 # -- restarts -------------------------------------------------------------------------------------

@@ -340,6 +340,48 @@ async def test_a_version_1_file_opens_with_its_data(tmp_path: Path) -> None:
     con.close()
 
 
+ORIGIN_SERVER_VERSION = 3  # the schema version that added jobs.origin_server_id
+
+
+@pytest.mark.asyncio
+async def test_a_version_2_file_opens_and_its_old_jobs_have_no_server(tmp_path: Path) -> None:
+    db = tmp_path / "promptpics.sqlite3"
+    make_v1_file(db)
+    con = sqlite3.connect(db)  # version 1 -> 2 as the version-2 code did it
+    con.executescript(history.MIGRATIONS[1])
+    con.execute("PRAGMA user_version = 2")
+    con.commit()
+    con.close()
+    async with HistoryStore.open(tmp_path) as store:
+        old = await store.get_job("old111")
+        new = await store.record_queued(requester=Requester("discord", "42"), origin=Origin("discord", "c", server_id="g1"),
+                                        model_asked=None, params=params("new"), created_at=T0)
+        assert old is not None and old.origin == Origin("slack", "C1", "", "", "")
+        assert (await store.get_job(new.id)).origin.server_id == "g1"  # type: ignore[union-attr]
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    assert con.execute("SELECT id, origin_server_id FROM jobs ORDER BY seq").fetchall() == [("old111", ""), (new.id, "g1")]
+    con.close()
+
+
+def test_origin_server_id_is_added_by_migration_3() -> None:
+    added = [v + 1 for v, script in enumerate(history.MIGRATIONS) if "origin_server_id" in script]
+    assert added == [ORIGIN_SERVER_VERSION] and SCHEMA_VERSION >= ORIGIN_SERVER_VERSION
+
+
+@pytest.mark.asyncio
+async def test_recent_jobs_of_a_server_keep_the_jobs_asked_in_no_server(store: HistoryStore) -> None:
+    asked = {}
+    for server in ("g1", "g2", ""):
+        job = await store.record_queued(requester=Requester("discord", "42"), origin=Origin("discord", "c", server_id=server),
+                                        model_asked=None, params=params(server or "none"), created_at=T0)
+        asked[server] = job.id
+    in_g1 = await store.recent_jobs(platform="discord", server_id="g1")
+    everywhere = await store.recent_jobs(platform="discord")
+    assert [j.id for j in in_g1] == [asked[""], asked["g1"]]
+    assert len(everywhere) == 3
+
+
 @pytest.mark.asyncio
 async def test_migrations_run_forward_and_keep_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     make_v1_file(tmp_path / "promptpics.sqlite3")

@@ -328,13 +328,16 @@ async def test_a_held_back_cancellation_still_ends_as_the_callers_timeout() -> N
 # -- nsfw_allowed -----------------------------------------------------------------------------
 
 
+NSFW_ALLOWED_VERSION = 2  # the schema version that added jobs.nsfw_allowed
+
+
 def make_previous_version_file(path: Path) -> None:
-    """A file as the code before ``nsfw_allowed`` left it: every migration but the last, one job."""
+    """A file as the code before ``nsfw_allowed`` left it (schema version 1), one job."""
     path.parent.mkdir(parents=True, exist_ok=True)
     con = sqlite3.connect(path)
-    for script in history.MIGRATIONS[:-1]:
+    for script in history.MIGRATIONS[:NSFW_ALLOWED_VERSION - 1]:
         con.executescript(script)
-    con.execute(f"PRAGMA user_version = {SCHEMA_VERSION - 1}")
+    con.execute(f"PRAGMA user_version = {NSFW_ALLOWED_VERSION - 1}")
     con.execute(
         "INSERT INTO jobs (id, status, created_at, requester_platform, requester_user_id, requester_name,"
         " origin_platform, origin_channel_id, origin_thread_id, origin_message_ref, prompt,"
@@ -345,9 +348,10 @@ def make_previous_version_file(path: Path) -> None:
     con.close()
 
 
-def test_nsfw_allowed_is_the_newest_migration() -> None:
-    assert SCHEMA_VERSION == len(history.MIGRATIONS) == 2
-    assert "nsfw_allowed" in history.MIGRATIONS[-1] and "nsfw_allowed" not in history.MIGRATIONS[0]
+def test_nsfw_allowed_is_added_by_migration_2() -> None:
+    assert SCHEMA_VERSION == len(history.MIGRATIONS) >= NSFW_ALLOWED_VERSION
+    added = [v + 1 for v, script in enumerate(history.MIGRATIONS) if "nsfw_allowed" in script]
+    assert added == [NSFW_ALLOWED_VERSION]
 
 
 @pytest.mark.asyncio

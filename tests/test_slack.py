@@ -47,9 +47,12 @@ from tests.fake_slack import (
     BOB,
     BOT_TOKEN,
     CHANNEL,
+    OTHER_TEAM_CHANNEL,
+    OTHER_TEAM_ID,
     OUTSIDE_CHANNEL,
     PEOPLE_DM,
     SIGNING_SECRET,
+    TEAM_ID,
     FakeSlack,
     Message,
     signed_headers,
@@ -103,11 +106,11 @@ class Running:
     app: SlackApp
     fake: FakeSlack
 
-    async def slash(self, text: str, *, command: str = "/imagine", user: str = ALICE,
-                    channel: str = CHANNEL) -> tuple[dict[str, Any], dict[str, Any]]:
+    async def slash(self, text: str, *, command: str = "/imagine", user: str = ALICE, channel: str = CHANNEL,
+                    team: str = TEAM_ID) -> tuple[dict[str, Any], dict[str, Any]]:
         """Send a slash command the way the app receives it (Socket Mode envelope or signed HTTP
         POST); returns the payload and what the acknowledgement carried."""
-        payload = self.fake.command(command, text, user=user, channel=channel)
+        payload = self.fake.command(command, text, user=user, channel=channel, team=team)
         if self.app.settings.mode == "socket":
             ack = await self.fake.ack_of(await self.fake.envelope("slash_commands", payload))
             return payload, ack.get("payload") or {}
@@ -225,7 +228,7 @@ async def test_imagine_over_socket_mode_posts_a_status_then_the_png_in_its_threa
     # Every call used the bot token; the history links both messages to the job.
     assert {c.token for c in fake.calls if c.method != "apps.connections.open"} == {BOT_TOKEN}
     assert [(r.id, r.status, r.requester.user_id, r.origin) for r in rows] == [
-        (job_id, JobStatus.SUCCEEDED, ALICE, Origin("slack", CHANNEL))]
+        (job_id, JobStatus.SUCCEEDED, ALICE, Origin("slack", CHANNEL, server_id=TEAM_ID))]
     assert {(d.kind, d.message_id) for d in deliveries} == {("status", status.ts), ("result", result.ts)}
 
 
@@ -339,7 +342,7 @@ async def test_reactions_regenerate_or_switch_model_in_the_thread_of_the_image(f
     by_model = {r.params.model_id: r for r in rows.values()}
     regenerated, switched = by_model["flux_dev"], by_model["realvis_xl"]
     for job in (regenerated, switched):  # answered in the thread of the image reacted to
-        assert job.origin == Origin("slack", CHANNEL, root, original.ts)
+        assert job.origin == Origin("slack", CHANNEL, root, original.ts, server_id=TEAM_ID)
         assert job.requester.user_id == BOB and job.status is JobStatus.SUCCEEDED
         assert job.params.prompt == first.params.prompt
     assert regenerated.params.steps == first.params.steps and regenerated.params.seed != first.params.seed
@@ -497,7 +500,60 @@ async def test_admin_subcommands_are_refused_for_others_and_work_for_admins(fake
     assert "/imagine PROMPT [--model ID]" in helped and "/promptpics history: your recent jobs" in helped
     assert "preload" not in helped and "/react" not in helped  # admin lines for admins; no terminal-only ones
     assert unknown.startswith("`/promptpics frobnicate` is not a command. Try `/promptpics imagine`")
-    assert history == "You have no jobs yet. Try `/imagine`."
+    assert history == "You have no jobs here yet. Try `/imagine`."
+
+
+async def test_show_and_history_keep_to_the_workspace_and_adult_jobs_to_their_requester_and_admins(
+        fake: FakeSlack, config: Config) -> None:
+    async with bot(fake, config) as running:
+        async def made(channel: str, team: str = TEAM_ID, user: str = ALICE) -> str:
+            payload, _ = await running.slash(f"a lantern in {channel} {SMALL}", user=user, channel=channel, team=team)
+            job_id = job_id_in((await running.answers(payload))[0])
+            await running.result_of(job_id, channel)
+            return job_id
+
+        async def ask(text: str, user: str, channel: str, team: str = TEAM_ID) -> str:
+            payload, ack = await running.slash(text, command="/promptpics", user=user, channel=channel, team=team)
+            assert ack == {}  # answered privately, through the response URL
+            return (await running.answers(payload))[0]
+
+        sfw, adult = await made(CHANNEL), await made(ADULT_CHANNEL)
+        theirs = await made(OTHER_TEAM_CHANNEL, OTHER_TEAM_ID, user=BOB)  # Bob's, in another workspace
+        rows = {r.id: r for r in await running.history_rows()}
+        uploads = len(fake.calls_to("files.completeUploadExternal"))
+        show = {  # (who, where, which job) -> the private answer
+            "alice, other channel, sfw": await ask(f"show {sfw}", ALICE, ADULT_CHANNEL),
+            "bob, same workspace, sfw": await ask(f"show {sfw}", BOB, CHANNEL),
+            "bob, other workspace, sfw": await ask(f"show {sfw}", BOB, OTHER_TEAM_CHANNEL, OTHER_TEAM_ID),
+            "bob, adult channel, adult": await ask(f"show {adult}", BOB, ADULT_CHANNEL),
+            "alice, sfw channel, adult": await ask(f"show {adult}", ALICE, CHANNEL),
+            "alice, adult channel, adult": await ask(f"show {adult}", ALICE, ADULT_CHANNEL),
+            "alice, this workspace, theirs": await ask(f"show {theirs}", ALICE, CHANNEL),
+            "admin, sfw channel, adult": await ask(f"show {adult}", ADMIN, CHANNEL),
+            "admin, adult channel, adult": await ask(f"show {adult}", ADMIN, ADULT_CHANNEL),
+            "admin, this workspace, theirs": await ask(f"show {theirs}", ADMIN, CHANNEL),
+        }
+        history = {
+            "alice, here": await ask("history", ALICE, CHANNEL),
+            "alice, other workspace": await ask("history", ALICE, OTHER_TEAM_CHANNEL, OTHER_TEAM_ID),
+            "bob, here": await ask("history", BOB, CHANNEL),
+            "bob, other workspace": await ask("history", BOB, OTHER_TEAM_CHANNEL, OTHER_TEAM_ID),
+        }
+    # Each job recorded the workspace it was asked in; only the allow-listed channel's allows adult images.
+    assert [(rows[j].origin.server_id, rows[j].nsfw_allowed) for j in (sfw, adult, theirs)] == [
+        (TEAM_ID, False), (TEAM_ID, True), (OTHER_TEAM_ID, False)]
+    unknown = {k for k, text in show.items() if text.startswith("There is no job")}
+    assert unknown == {"bob, other workspace, sfw", "bob, adult channel, adult", "alice, this workspace, theirs",
+                       "admin, this workspace, theirs"}
+    assert show["bob, other workspace, sfw"] == f"There is no job `{sfw}` in the history."  # as for an unknown id
+    withheld = f"The image of job `{adult}` is not attached here"
+    assert {k for k, text in show.items() if withheld in text} == {"alice, sfw channel, adult",
+                                                                   "admin, sfw channel, adult"}
+    assert all(text.startswith("Job `") for k, text in show.items() if k not in unknown)
+    assert len(fake.calls_to("files.completeUploadExternal")) == uploads  # /show on Slack answers in text only
+    listed = {k: [j for j in (sfw, adult, theirs) if f"`{j}`" in text] for k, text in history.items()}
+    assert listed == {"alice, here": [sfw, adult], "alice, other workspace": [], "bob, here": [],
+                      "bob, other workspace": [theirs]}
 
 
 async def test_the_safety_allow_list_marks_slack_channels_by_id(fake: FakeSlack, config: Config) -> None:

@@ -5,6 +5,7 @@ Slack and the terminal alike.
 - core.py: the catalogue of commands and ``Commands``, which runs them
 - options.py: the text flags of a typed /imagine (``--steps 4 --size 512x768 --no blur``)
 - reactions.py: what a reaction on a job's message asks for
+- scope.py: who may look at a stored job from where (/show, /history)
 - cooldowns.py: the per-user cooldown, checked and taken in one step
 """
 

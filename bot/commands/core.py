@@ -19,6 +19,7 @@ from bot.commands.cooldowns import Cooldowns
 from bot.commands.data import Actor, AdminPolicy, ImagineOptions, Outcome, Reply, Submitted
 from bot.commands.options import OptionError, parse_imagine_text, text_usage
 from bot.commands.reactions import ReactionAction, ReactionKind, normalise_emoji
+from bot.commands.scope import Sight, Viewpoint
 from bot.settings import BotSettings
 from engine import Config, Engine, EngineError, Origin, StoredJob, describe_models
 
@@ -36,8 +37,8 @@ class CommandSpec:
 CATALOGUE: tuple[CommandSpec, ...] = (
     CommandSpec("imagine", "/imagine PROMPT [--model ID] [--steps N] [--guidance G] [--size WxH] [--seed S] [--no TEXT]",
                 "make an image"),
-    CommandSpec("history", "/history", "your recent jobs"),
-    CommandSpec("show", "/show JOB_ID", "one job's settings and outcome"),
+    CommandSpec("history", "/history", "your recent jobs in this server"),
+    CommandSpec("show", "/show JOB_ID", "one job's settings and outcome (jobs of this server)"),
     CommandSpec("react", "/react JOB_ID EMOJI", "what a reaction on a result does (terminal only)"),
     CommandSpec("models", "/models", "the models, what is loaded where, memory", admin=True),
     CommandSpec("queue", "/queue", "the jobs waiting, their positions and ETA", admin=True),
@@ -70,6 +71,12 @@ class Commands:
     def is_admin(self, actor: Actor) -> bool:
         policy = self.admins.get(actor.platform)
         return policy is not None and policy.allows(actor)
+
+    def viewpoint(self, actor: Actor, origin: Origin, adult_channel: bool = False) -> Viewpoint:
+        """Who asks from where, for /show and /history (bot/commands/scope.py)."""
+        policy = self.admins.get(actor.platform)
+        return Viewpoint(actor, origin, adult_channel=self.nsfw_allowed(origin, adult_channel),
+                         admin=self.is_admin(actor), every_server=policy is not None and policy.every_server)
 
     def model_name(self, model_id: str) -> str:
         spec = self.config.models.get(model_id)
@@ -160,19 +167,28 @@ class Commands:
 
     # -- everyone --------------------------------------------------------------------------
 
-    async def history(self, actor: Actor) -> Reply:
+    async def history(self, actor: Actor, origin: Origin, *, adult_channel: bool = False) -> Reply:
+        """The asker's recent jobs that they may see from here (bot/commands/scope.py)."""
+        view = self.viewpoint(actor, origin, adult_channel)
         jobs = await self.engine.history.recent_jobs(user_id=actor.user_id, platform=actor.platform,
-                                                     limit=self.settings.history_limit)
-        return Reply(messages.history_reply(jobs))
+                                                     server_id=view.history_server, limit=self.settings.history_limit)
+        return Reply(messages.history_reply([j for j in jobs if view.sight(j) is not Sight.NONE]))
 
-    async def show(self, actor: Actor, job_id: str) -> Reply:
-        job = await self.engine.history.get_job(job_id.strip().lower())
+    async def show(self, actor: Actor, job_id: str, origin: Origin, *, adult_channel: bool = False) -> Reply:
+        """One job, if the asker may see it from here; another server's job answers like an unknown id."""
+        view = self.viewpoint(actor, origin, adult_channel)
+        job = await self._visible_job(view, job_id)
         if job is None:
             return Reply(messages.unknown_job(job_id.strip()), ok=False)
-        if job.requester.platform != actor.platform and not self.is_admin(actor):
-            return Reply(messages.not_your_platform(job.id), ok=False)
-        image = str(job.image_path) if job.image_path and job.image_path.is_file() else None
-        return Reply(messages.show_reply(job, self.model_name(job.params.model_id)), image_path=image)
+        text = messages.show_reply(job, self.model_name(job.params.model_id))
+        has_image = job.image_path is not None and job.image_path.is_file()
+        if view.sight(job) is Sight.TEXT:
+            return Reply(f"{text}\n{messages.image_withheld(job.id)}" if has_image else text)
+        return Reply(text, image_path=str(job.image_path) if has_image else None)
+
+    async def _visible_job(self, view: Viewpoint, job_id: str) -> StoredJob | None:
+        job = await self.engine.history.get_job(job_id.strip().lower())
+        return job if job is not None and view.sight(job) is not Sight.NONE else None
 
     def help(self, actor: Actor) -> Reply:
         return Reply(messages.help_text(((c.usage, c.summary, c.admin) for c in CATALOGUE), self.is_admin(actor)))
@@ -230,19 +246,23 @@ class Commands:
         name, _, rest = line[1:].partition(" ")
         name, rest = name.lower(), rest.strip()
         simple: dict[str, Callable[[Actor], Awaitable[Reply]]] = {
-            "history": self.history, "models": self.models, "queue": self.queue, "stats": self.stats,
+            "models": self.models, "queue": self.queue, "stats": self.stats,
         }
         if name == "imagine":
             return await self.imagine_text(actor, rest, origin)
         if name == "help":
             return self.help(actor)
+        if name == "history":
+            return await self.history(actor, origin)
         if name in simple:
             return await simple[name](actor)
         if name in ("show", "preload", "unload"):
             if not rest:
                 usage = next((c.usage for c in CATALOGUE if c.name == name), f"/{name} JOB_ID")
                 return Reply(f"`/{name}` needs an argument: {usage}", ok=False)
-            handler = {"show": self.show, "preload": self.preload, "unload": self.unload}[name]
+            if name == "show":
+                return await self.show(actor, rest.split()[0], origin)
+            handler = {"preload": self.preload, "unload": self.unload}[name]
             return await handler(actor, rest.split()[0])
         if name == "react":
             return await self._react_line(actor, rest, origin)
@@ -253,7 +273,7 @@ class Commands:
         parts = rest.split()
         if len(parts) != 2:
             return Reply("Usage: /react JOB_ID EMOJI, for example `/react k7mq2x 🔁`.", ok=False)
-        job = await self.engine.history.get_job(parts[0].lower())
+        job = await self._visible_job(self.viewpoint(actor, origin), parts[0])
         if job is None:
             return Reply(messages.unknown_job(parts[0]), ok=False)
         outcome = await self.react(actor, job, parts[1], replace(origin, message_ref=job.id))

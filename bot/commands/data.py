@@ -29,6 +29,7 @@ class AdminPolicy:
     user_ids: frozenset[str] = frozenset()
     role_ids: frozenset[str] = frozenset()
     everyone: bool = False  # the terminal: whoever holds it owns the machine
+    every_server: bool = False  # the terminal too: /show and /history see every server's jobs (commands/scope.py)
 
     def allows(self, actor: Actor) -> bool:
         return self.everyone or actor.user_id in self.user_ids or bool(actor.role_ids & self.role_ids)

@@ -82,6 +82,11 @@ def role_ids(member: object) -> frozenset[str]:
     return frozenset(str(r) for r in getattr(member, "_roles", ()))
 
 
+def origin_of(interaction: discord.Interaction) -> Origin:
+    """Where a command was asked: its channel, and its server (the guild; "" in a DM)."""
+    return Origin(platform=PLATFORM, channel_id=str(interaction.channel_id), server_id=str(interaction.guild_id or ""))
+
+
 def actor_of(user: discord.abc.User) -> Actor:
     return Actor(platform=PLATFORM, user_id=str(user.id), display_name=user.display_name, role_ids=role_ids(user))
 
@@ -180,13 +185,15 @@ def _add_commands(tree: app_commands.CommandTree, config: Config, app: Callable[
     @tree.command(name="history", description="Your recent jobs")
     @app_commands.guild_only()
     async def history(interaction: discord.Interaction) -> None:
-        await app().respond(interaction, app().commands.history)
+        origin, adult = origin_of(interaction), is_age_restricted(interaction.channel)
+        await app().respond(interaction, lambda actor: app().commands.history(actor, origin, adult_channel=adult))
 
     @tree.command(name="show", description="One job's settings, outcome and image")
     @app_commands.guild_only()
     @app_commands.describe(job_id="the job id, e.g. k7mq2x")
     async def show(interaction: discord.Interaction, job_id: app_commands.Range[str, 1, 64]) -> None:
-        await app().respond(interaction, lambda actor: app().commands.show(actor, job_id))
+        origin, adult = origin_of(interaction), is_age_restricted(interaction.channel)
+        await app().respond(interaction, lambda actor: app().commands.show(actor, job_id, origin, adult_channel=adult))
 
     @tree.command(name="preload", description="Admins: load a model ahead of demand")
     @app_commands.guild_only()
@@ -265,7 +272,7 @@ class DiscordApp:
             # The results go out with the bot token: without these the job would run for nobody.
             await self._send_reply(interaction, Reply(messages.missing_permissions(missing), ok=False))
             return
-        origin = Origin(platform=PLATFORM, channel_id=str(interaction.channel_id))
+        origin = origin_of(interaction)
         outcome = await self.commands.imagine(actor_of(interaction.user), options, origin,
                                               adult_channel=is_age_restricted(interaction.channel))
         if isinstance(outcome, Submitted):
@@ -298,7 +305,8 @@ class DiscordApp:
         actor = Actor(platform=PLATFORM, user_id=str(payload.user_id),
                       display_name=payload.member.display_name if payload.member else "",
                       role_ids=role_ids(payload.member))
-        origin = Origin(platform=PLATFORM, channel_id=str(payload.channel_id), message_ref=str(payload.message_id))
+        origin = Origin(platform=PLATFORM, channel_id=str(payload.channel_id), message_ref=str(payload.message_id),
+                        server_id=str(payload.guild_id or ""))
         adult = is_age_restricted(self.client.get_channel(payload.channel_id))
         try:  # the catch-all of this boundary
             job = await self.commands.engine.deliveries.job_by_message(

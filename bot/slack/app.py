@@ -77,6 +77,11 @@ class SlackLoginFailure(Exception):
 # -- helpers -----------------------------------------------------------------------------------------
 
 
+def origin_of(body: Mapping[str, Any]) -> Origin:
+    """Where a slash command was asked: its channel, and its workspace (the team id)."""
+    return Origin(platform=PLATFORM, channel_id=str(body.get("channel_id", "")), server_id=str(body.get("team_id") or ""))
+
+
 def actor_of(body: Mapping[str, Any]) -> Actor:
     return Actor(platform=PLATFORM, user_id=str(body.get("user_id", "")), display_name=str(body.get("user_name", "")))
 
@@ -221,7 +226,7 @@ class SlackApp:
                                                             text_usage())))
             return
         await ack()  # routing may take longer than Slack's 3 s
-        origin = Origin(platform=PLATFORM, channel_id=str(body.get("channel_id", "")))
+        origin = origin_of(body)
         outcome = await self._guarded(lambda: self.commands.imagine(actor_of(body), options, origin))
         await self._answer(respond, body, outcome)
 
@@ -238,7 +243,7 @@ class SlackApp:
         elif name == "help":
             outcome = self.help(actor)
         else:
-            origin = Origin(platform=PLATFORM, channel_id=str(body.get("channel_id", "")))
+            origin = origin_of(body)
             outcome = await self._guarded(lambda: self.commands.run_line(actor, "/" + words, origin))
         await self._answer(respond, body, outcome)
 
@@ -296,7 +301,8 @@ class SlackApp:
             if job is None:
                 return  # not a message of ours
             root = await self._thread_root(job, channel, ts)
-            origin = Origin(platform=PLATFORM, channel_id=channel, thread_id=root, message_ref=ts)
+            origin = Origin(platform=PLATFORM, channel_id=channel, thread_id=root, message_ref=ts,
+                            server_id=str(body.get("team_id") or ""))
             outcome = await self.commands.react(Actor(PLATFORM, user), job, emoji, origin)
         except Exception as exc:
             outcome = Reply(messages.describe_error(exc), ok=False)

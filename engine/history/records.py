@@ -75,7 +75,7 @@ def requester_values(r: Requester) -> dict[str, Any]:
 
 def origin_values(o: Origin) -> dict[str, Any]:
     return {"origin_platform": o.platform, "origin_channel_id": o.channel_id,
-            "origin_thread_id": o.thread_id, "origin_message_ref": o.message_ref}
+            "origin_thread_id": o.thread_id, "origin_message_ref": o.message_ref, "origin_server_id": o.server_id}
 
 
 def params_values(p: GenerationParams) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 Schema versions: ``MIGRATIONS[v]`` takes a file from ``PRAGMA user_version`` v to v + 1; they
 run in order at open, each in its own transaction. Never edit a released script: append one.
-1: jobs, attempts, deliveries. 2: ``jobs.nsfw_allowed`` (0 for older jobs).
+1: jobs, attempts, deliveries. 2: ``jobs.nsfw_allowed`` (0 for older jobs). 3: ``jobs.origin_server_id``
+('' for older jobs).
 """
 
 from __future__ import annotations
@@ -89,7 +90,13 @@ _V2_NSFW_ALLOWED = """
 ALTER TABLE jobs ADD COLUMN nsfw_allowed INTEGER NOT NULL DEFAULT 0 CHECK (nsfw_allowed IN (0, 1));
 """
 
-MIGRATIONS: list[str] = [_SCHEMA_V1, _V2_NSFW_ALLOWED]
+_V3_ORIGIN_SERVER = """
+-- the server the job was asked in (Origin.server_id: Discord guild id, Slack team id; '' for a DM,
+-- the terminal, and every job recorded before this version): who may look at it later
+ALTER TABLE jobs ADD COLUMN origin_server_id TEXT NOT NULL DEFAULT '';
+"""
+
+MIGRATIONS: list[str] = [_SCHEMA_V1, _V2_NSFW_ALLOWED, _V3_ORIGIN_SERVER]
 """``MIGRATIONS[v]`` upgrades a file from ``user_version`` v to v + 1."""
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -100,12 +107,12 @@ INSERT_JOB = """
 INSERT INTO jobs (id, status, created_at,
                   requester_platform, requester_user_id, requester_name,
                   origin_platform, origin_channel_id, origin_thread_id, origin_message_ref,
-                  prompt, negative_prompt, model_asked, model_used, route_reason,
+                  origin_server_id, prompt, negative_prompt, model_asked, model_used, route_reason,
                   steps, guidance, width, height, seed, nsfw_allowed)
 VALUES (:id, :status, :created_at,
         :requester_platform, :requester_user_id, :requester_name,
         :origin_platform, :origin_channel_id, :origin_thread_id, :origin_message_ref,
-        :prompt, :negative_prompt, :model_asked, :model_used, :route_reason,
+        :origin_server_id, :prompt, :negative_prompt, :model_asked, :model_used, :route_reason,
         :steps, :guidance, :width, :height, :seed, :nsfw_allowed)
 """
 
@@ -135,6 +142,7 @@ RECENT_JOBS = """
 SELECT * FROM jobs
  WHERE (:user_id  IS NULL OR requester_user_id  = :user_id)
    AND (:platform IS NULL OR requester_platform = :platform)
+   AND (:server   IS NULL OR origin_server_id IN (:server, ''))
  ORDER BY seq DESC
  LIMIT :limit
 """

@@ -65,7 +65,7 @@ class HistoryStore(Database):
             created_at=row["created_at"], started_at=row["started_at"], finished_at=row["finished_at"],
             requester=Requester(row["requester_platform"], row["requester_user_id"], row["requester_name"]),
             origin=Origin(row["origin_platform"], row["origin_channel_id"], row["origin_thread_id"],
-                          row["origin_message_ref"]),
+                          row["origin_message_ref"], row["origin_server_id"]),
             model_asked=row["model_asked"],
             params=GenerationParams(
                 prompt=row["prompt"], negative_prompt=row["negative_prompt"], model_id=row["model_used"],
@@ -249,11 +249,13 @@ class HistoryStore(Database):
         return await self.unfinished_jobs()
 
     async def recent_jobs(self, *, user_id: str | None = None, platform: str | None = None,
-                          limit: int = 20) -> list[StoredJob]:
-        """Newest first; ``None`` filters match everyone."""
+                          server_id: str | None = None, limit: int = 20) -> list[StoredJob]:
+        """Newest first; ``None`` filters match everyone. ``server_id`` keeps the jobs asked in that
+        server and those asked in none (a DM, the terminal, a job from before schema v3)."""
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValueError(f"limit {limit!r} must be a whole number of at least 1")
-        return await self._jobs(RECENT_JOBS, {"user_id": user_id, "platform": platform, "limit": limit})
+        return await self._jobs(RECENT_JOBS, {"user_id": user_id, "platform": platform, "server": server_id,
+                                              "limit": limit})
 
     async def attempts(self, job_id: str) -> list[AttemptRecord]:
         rows = await self._rows("SELECT * FROM attempts WHERE job_id = ? ORDER BY n", (job_id,))
