@@ -66,7 +66,7 @@ REACTIONS = ["repeat", "camera", "jigsaw", "abc", "x"]  # 🔁, the other models
 # Each Web API method the bot calls, and the manifest scope that allows it.
 METHOD_SCOPES = {"chat.postMessage": "chat:write", "chat.update": "chat:write", "chat.delete": "chat:write",
                  "chat.postEphemeral": "chat:write", "files.getUploadURLExternal": "files:write",
-                 "files.completeUploadExternal": "files:write", "files.info": "files:read",
+                 "files.completeUploadExternal": "files:write", "files.info": "files:read", "files.list": "files:read",
                  "reactions.add": "reactions:write"}
 NO_SCOPE = {"auth.test", "apps.connections.open"}  # the bot token itself; the app-level token
 
