@@ -57,6 +57,7 @@ class Fault:
     status: int
     times: int
     after_effect: bool  # the work is done, then the error is answered (the answer is "lost")
+    when: Callable[[Call], bool] | None = None  # only requests this says yes to
 
 
 def user(user_id: int) -> dict[str, Any]:
@@ -156,14 +157,17 @@ class FakeDiscord:
     def calls_to(self, method: str, fragment: str) -> list[Call]:
         return [c for c in self.calls if c.method == method and fragment in c.path]
 
-    def fail(self, method: str, path: str, *, status: int = 500, times: int = 1, after_effect: bool = False) -> None:
-        """The next ``times`` ``method`` requests whose path contains ``path`` answer ``status``;
-        ``after_effect``: only after doing what they asked (a message is made, its answer lost)."""
-        self._faults.append(Fault(method, path, status, times, after_effect))
+    def fail(self, method: str, path: str, *, status: int = 500, times: int = 1, after_effect: bool = False,
+             when: Callable[[Call], bool] | None = None) -> None:
+        """The next ``times`` ``method`` requests whose path contains ``path`` (and that ``when``
+        accepts) answer ``status``; ``after_effect``: only after doing what they asked (a message
+        is made, its answer lost)."""
+        self._faults.append(Fault(method, path, status, times, after_effect, when))
 
-    def _fault(self, request: web.Request) -> Fault | None:
+    def _fault(self, call: Call) -> Fault | None:
         for fault in self._faults:
-            if fault.times > 0 and fault.method == request.method and fault.path in request.path:
+            if (fault.times > 0 and fault.method == call.method and fault.path in call.path
+                    and (fault.when is None or fault.when(call))):
                 fault.times -= 1
                 return fault
         return None
@@ -233,7 +237,7 @@ class FakeDiscord:
             call.body = await request.json()
         self._calls_by_request[id(request)] = call
         self.calls.append(call)
-        fault = self._fault(request)
+        fault = self._fault(call)
         try:
             if fault is not None and not fault.after_effect:
                 response = _json({"message": f"{fault.status}: fake failure", "code": 0}, fault.status)
