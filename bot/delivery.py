@@ -30,6 +30,7 @@ from cachetools import LRUCache
 from bot import messages
 from bot.commands import Commands
 from bot.outlet import MessageGone, MessageRef, Outlet, Picture, PreviewPicture
+from bot.posting import ResultNotPosted, ResultPoster
 from engine import (
     EngineEvent,
     JobCancelled,
@@ -48,7 +49,7 @@ from engine import (
 log = logging.getLogger(__name__)
 
 JOBS_REMEMBERED = 5000  # jobs whose delivery began, and whether it settled
-CATCH_UP_WINDOW_S = 24 * 3600  # results finished but never posted (a crash) are posted at start
+CATCH_UP_WINDOW_S = 24 * 3600  # results finished but never recorded as posted are posted at start
 CATCH_UP_JOBS = 50
 POSITION_UPDATES_UP_TO = 10  # queued jobs further back are not re-edited each time the queue moves
 ETA_CHANGE_SHOWN = (10.0, 0.25)  # a queued job's ETA is re-edited when it moves this much (s, share)
@@ -92,6 +93,7 @@ class Delivery:
         self._workers: set[asyncio.Task[None]] = set()
         self._seen: LRUCache[str, bool] = LRUCache(maxsize=JOBS_REMEMBERED)  # job id -> settled
         self._changed = asyncio.Condition()
+        self._poster = ResultPoster(self._engine)
 
     def add_outlet(self, outlet: Outlet) -> None:
         self._outlets[outlet.platform] = outlet
@@ -291,13 +293,17 @@ class Delivery:
         await self._react(outlet, job, track.status, self._commands.status_reactions())
 
     async def _post_result(self, outlet: Outlet, job: StoredJob, picture: Picture, caption: str, model_id: str,
-                           status: MessageRef | None) -> None:
-        ref = await outlet.post_result(job, picture, caption, status)
-        # Recorded before anything else can fail: from now on reactions on it work, restarts included.
-        await self._engine.deliveries.record(job.id, platform=outlet.platform, channel_id=ref.channel_id,
-                                             message_id=ref.message_id, kind="result")
-        log.info("job %s: result posted on %s", job.id, outlet.platform)
-        await self._react(outlet, job, ref, self._commands.result_reactions(model_id))
+                           status: MessageRef | None, *, look_first: bool = False) -> None:
+        """Posted once and recorded (bot/posting.py); refused past the retry bound: a note, and the
+        catch-up at the next start posts it."""
+        try:
+            posted = await self._poster.post(outlet, job, picture, caption, status, look_first=look_first)
+        except ResultNotPosted as exc:
+            log.error("%s; it stays in the history and is posted at the next start", exc)
+            await self._poster.tell_not_posted(outlet, job, status, exc, CATCH_UP_WINDOW_S / 3600)
+            return
+        log.info("job %s: result %s on %s", job.id, "found posted" if posted.found else "posted", outlet.platform)
+        await self._react(outlet, job, posted.ref, self._commands.result_reactions(model_id))
         if status is not None:
             await outlet.retire_status(job, status)
 
@@ -351,7 +357,8 @@ class Delivery:
         return MessageRef(found[-1].channel_id, found[-1].message_id) if found else None
 
     async def _catch_up(self) -> None:
-        """Post results that finished but were never posted (the process died in between)."""
+        """Post results that finished but whose delivery was never recorded (the process died in
+        between, or the platform refused every try): an earlier post is looked for first."""
         cutoff = time.time() - CATCH_UP_WINDOW_S
         for platform, outlet in self._outlets.items():
             for job in await self._engine.history.recent_jobs(platform=platform, limit=CATCH_UP_JOBS):
@@ -367,9 +374,10 @@ class Delivery:
                     caption = messages.caption(job_id=job.id, mention=outlet.mention(job.requester.user_id),
                                                params=job.params, model_name=self._commands.model_name(job.params.model_id),
                                                timings=job.timings)
-                    log.info("job %s: posting a result that was never delivered", job.id)
+                    log.info("job %s: a result whose delivery was never recorded: looking for it, else posting it",
+                             job.id)
                     await self._post_result(outlet, job, Picture(png, str(job.image_path)), caption, job.params.model_id,
-                                            status)
+                                            status, look_first=True)
                 except Exception:
                     log.exception("job %s: the undelivered result could not be posted", job.id)
 

@@ -125,6 +125,14 @@ def status_cancelled(*, job_id: str, mention: str) -> str:
     return f"🚫 {_who(mention)}cancelled.\njob `{job_id}`"
 
 
+def result_not_posted(*, job_id: str, mention: str, why: str, tries: int, catch_up_h: float) -> str:
+    """The image is made and kept, but the platform refused every try to post it (5xx, 429, no
+    connection); the bot posts it at its next start if that comes within ``catch_up_h`` hours."""
+    return (f"⚠️ {_who(mention)}your image is ready, but posting it failed {tries} times ({why}). It is kept: "
+            f"I'll post it here when I next start (if within {catch_up_h:g} hours), and `show {job_id}` "
+            f"shows it meanwhile.\njob `{job_id}`")
+
+
 def caption(*, job_id: str, mention: str, params: GenerationParams, model_name: str, timings: Timings,
             notice: str = "") -> str:
     """The text under a finished image: prompt, model, seed, steps, guidance, size, time; and the

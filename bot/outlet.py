@@ -38,6 +38,12 @@ class MessageGone(Exception):
     """The message to edit no longer exists (deleted by someone); post a new one instead."""
 
 
+class PlatformUnavailable(Exception):
+    """The platform answered 5xx or 429, or could not be reached: the call may succeed if tried
+    again later. An outlet translates its client's errors into this at the seam (``from exc``);
+    the sentence names the platform and what it answered, never a token or a URL."""
+
+
 class Outlet(Protocol):
     """One platform's way of showing a job. Methods raise on failure; Delivery logs and goes on.
 
@@ -49,6 +55,16 @@ class Outlet(Protocol):
     It edits the status text and replaces the message's image with ``preview``; None removes
     the image (the job ended without one, or the safety loop rejected what it showed). It
     raises MessageGone like ``edit_status``.
+
+    Optional too (bot/posting.py; an outlet without it is never asked, and its results are
+    posted again at a restart when their delivery was not recorded)::
+
+        async def find_result(self, job: StoredJob, status: MessageRef | None) -> MessageRef | None: ...
+
+    It looks in the job's channel (or thread) for a result this bot posted earlier for ``job``,
+    by the job id the result carries in a machine-readable place, and returns it or None.
+
+    ``post_result`` raises PlatformUnavailable where a retry may help.
     """
 
     platform: str

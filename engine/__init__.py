@@ -34,6 +34,7 @@ from engine.history import (
     HistoryError,
     HistoryStore,
     ModelStats,
+    SeenKeys,
     StorageError,
     StoredJob,
     write_atomic,
@@ -76,7 +77,7 @@ __all__ = [
     "HIDDEN", "SettingsModel", "Text", "broken", "validate_table",
     # the history: the CLI and the adapters read it; deliveries are the bot's message bookkeeping
     "AttemptRecord", "DataFolderLock", "Deliveries", "DeliveryRecord", "HistoryError", "HistoryStore", "ModelStats",
-    "StorageError", "StoredJob", "write_atomic",
+    "SeenKeys", "StorageError", "StoredJob", "write_atomic",
     # what the bot shows or checks: the model table, the seed bound, the tiny profile's models
     "describe_models", "MAX_SEED", "ensure_tiny_models",
     # the router on its own: `promptpics route` and `promptpics eval-router`

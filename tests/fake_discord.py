@@ -4,6 +4,12 @@ It keeps what a test wants to look at: every request (method, path, JSON, files,
 the messages in each channel with their reactions, and the registered commands. Tests drive
 it like Discord would: ``slash(...)`` dispatches an INTERACTION_CREATE, ``react(...)`` a
 MESSAGE_REACTION_ADD. discord.py needs ``Content-Type: application/json`` exactly.
+
+Like Discord: message ids are snowflakes of the time they were made; GET
+/channels/{id}/messages pages with ``before``/``after``/``around``/``limit`` (newest first);
+a message sent with ``enforce_nonce`` and the nonce of one the same author sent in the last
+``NONCE_WINDOW_S`` is not made again: that one is returned. ``fail(...)`` makes the next
+matching requests answer an error, before or after doing their work (a lost answer).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +40,8 @@ ADMIN_ROLE_ID = 900000000000000300
 ALICE, BOB, ADMIN = 900000000000000401, 900000000000000402, 900000000000000403
 BOT_TOKEN = "fake-bot-token"
 INVALID_WEBHOOK_TOKEN = {"message": "Invalid Webhook Token", "code": 50027}
+DISCORD_EPOCH_MS = 1420070400000
+NONCE_WINDOW_S = 120.0  # Discord: "checked for uniqueness in the past few minutes"
 
 
 @dataclass
@@ -43,6 +52,16 @@ class Call:
     files: dict[str, bytes] = field(default_factory=dict)
     bot_auth: bool = False  # sent with "Authorization: Bot <token>"
     status: int = 200
+
+
+@dataclass
+class Fault:
+    method: str
+    path: str  # a fragment of the path
+    status: int
+    times: int
+    after_effect: bool  # the work is done, then the error is answered (the answer is "lost")
+    when: Callable[[Call], bool] | None = None  # only requests this says yes to
 
 
 def user(user_id: int) -> dict[str, Any]:
@@ -70,6 +89,8 @@ class FakeDiscord:
         self.expire_tokens_after_ack = False  # the 15-minute interaction token, shortened to one reply
         self._expired: set[str] = set()
         self._ids = itertools.count(900000000001000000)
+        self._last_snowflake = 0
+        self._faults: list[Fault] = []
         self._seq = itertools.count(1)
         self._gateway: web.WebSocketResponse | None = None
         self._changed = asyncio.Condition()
@@ -89,6 +110,7 @@ class FakeDiscord:
         app.router.add_post(r + "/webhooks/{app}/{token}", self._followup)
         app.router.add_route("*", r + "/webhooks/{app}/{token}/messages/{mid}", self._webhook_message)
         app.router.add_post(r + "/channels/{cid}/messages", self._post_message)
+        app.router.add_get(r + "/channels/{cid}/messages", self._history)
         app.router.add_patch(r + "/channels/{cid}/messages/{mid}", self._edit_message)
         app.router.add_delete(r + "/channels/{cid}/messages/{mid}", self._delete_message)
         app.router.add_put(r + "/channels/{cid}/messages/{mid}/reactions/{emoji}/@me", self._put_reaction)
@@ -138,6 +160,27 @@ class FakeDiscord:
 
     def calls_to(self, method: str, fragment: str) -> list[Call]:
         return [c for c in self.calls if c.method == method and fragment in c.path]
+
+    def fail(self, method: str, path: str, *, status: int = 500, times: int = 1, after_effect: bool = False,
+             when: Callable[[Call], bool] | None = None) -> None:
+        """The next ``times`` ``method`` requests whose path contains ``path`` (and that ``when``
+        accepts) answer ``status``; ``after_effect``: only after doing what they asked (a message
+        is made, its answer lost)."""
+        self._faults.append(Fault(method, path, status, times, after_effect, when))
+
+    def _fault(self, call: Call) -> Fault | None:
+        for fault in self._faults:
+            if (fault.times > 0 and fault.method == call.method and fault.path in call.path
+                    and (fault.when is None or fault.when(call))):
+                fault.times -= 1
+                return fault
+        return None
+
+    def _snowflake(self) -> int:
+        """A message id the way Discord makes them: milliseconds since 2015 in the high bits."""
+        made = (int(time.time() * 1000) - DISCORD_EPOCH_MS) << 22
+        self._last_snowflake = max(made, self._last_snowflake + 1)
+        return self._last_snowflake
 
     async def _changed_now(self) -> None:
         async with self._changed:
@@ -206,12 +249,18 @@ class FakeDiscord:
             call.body = await request.json()
         self._calls_by_request[id(request)] = call
         self.calls.append(call)
+        fault = self._fault(call)
         try:
-            response = await handler(request)
+            if fault is not None and not fault.after_effect:
+                response = _json({"message": f"{fault.status}: fake failure", "code": 0}, fault.status)
+            else:
+                response = await handler(request)
         except web.HTTPException as exc:
             response = _json({"message": exc.reason, "code": 0}, exc.status)
         finally:
             self._calls_by_request.pop(id(request), None)
+        if fault is not None and fault.after_effect:
+            response = _json({"message": f"{fault.status}: fake failure", "code": 0}, fault.status)
         call.status = response.status
         await self._changed_now()
         return response
@@ -232,7 +281,7 @@ class FakeDiscord:
     def _message(self, channel_id: str, call: Call, *, webhook: bool = False) -> dict[str, Any]:
         body = call.body or {}
         message = {
-            "id": str(next(self._ids)), "channel_id": channel_id, "author": BOT_USER,
+            "id": str(self._snowflake()), "channel_id": channel_id, "author": BOT_USER,
             "content": body.get("content", ""), "timestamp": datetime.now(timezone.utc).isoformat(),
             "edited_timestamp": None, "tts": False, "mention_everyone": False, "mentions": [], "mention_roles": [],
             "attachments": [{"id": str(next(self._ids)), "filename": name, "size": len(data), "url": f"https://x/{name}",
@@ -242,7 +291,10 @@ class FakeDiscord:
             "reference": str((body.get("message_reference") or {}).get("message_id") or "") or None,
             "allowed_mentions": body.get("allowed_mentions"), "edits": [],
             "edit_files": [],  # per edit that set attachments: the files it uploaded ({} removed them all)
+            "nonce": body.get("nonce"), "made_at": time.monotonic(),
         }
+        if webhook:
+            message["webhook_id"] = str(APP_ID)  # an interaction's reply is posted by the application's webhook
         if message["reference"]:
             message["message_reference"] = {"message_id": message["reference"], "channel_id": channel_id}
         self.messages[int(message["id"])] = message
@@ -251,7 +303,7 @@ class FakeDiscord:
     @staticmethod
     def _public(message: dict[str, Any]) -> dict[str, Any]:
         hidden = {"files", "bot_auth", "webhook", "reference", "allowed_mentions", "edits", "edit_files", "deleted",
-                  "token"}
+                  "token", "nonce", "made_at"}
         return {k: v for k, v in message.items() if k not in hidden}
 
     async def _callback(self, request: web.Request) -> web.Response:
@@ -280,9 +332,43 @@ class FakeDiscord:
         return _json({"message": "Unknown Message", "code": 10008}, 404)
 
     async def _post_message(self, request: web.Request) -> web.Response:
+        call = self._call(request)
+        if not call.bot_auth:
+            return _json({"message": "401: Unauthorized", "code": 0}, 401)
+        body = call.body or {}
+        if body.get("enforce_nonce") and body.get("nonce") is not None:
+            earlier = self._with_nonce(request.match_info["cid"], str(body["nonce"]))
+            if earlier is not None and earlier.get("deleted"):
+                return _json({"message": "Unknown Message", "code": 10008}, 404)
+            if earlier is not None:
+                return _json({**self._public(earlier), "nonce": earlier["nonce"]})
+        message = self._message(request.match_info["cid"], call)
+        return _json({**self._public(message), "nonce": message["nonce"]})
+
+    def _with_nonce(self, channel_id: str, nonce: str) -> dict[str, Any] | None:
+        """The bot's message in the channel with this nonce, made within NONCE_WINDOW_S."""
+        return next((m for m in self.messages.values() if m["channel_id"] == channel_id and m.get("nonce") == nonce
+                     and not m.get("webhook") and time.monotonic() - m.get("made_at", 0.0) < NONCE_WINDOW_S), None)
+
+    async def _history(self, request: web.Request) -> web.Response:
+        """GET /channels/{id}/messages: at most ``limit`` (1-100, 50) messages, newest first;
+        ``before``/``after`` an id, or ``around`` one (half on each side, as Discord)."""
         if not self._call(request).bot_auth:
             return _json({"message": "401: Unauthorized", "code": 0}, 401)
-        return _json(self._public(self._message(request.match_info["cid"], self._call(request))))
+        q = request.query
+        limit = min(max(int(q.get("limit", 50)), 1), 100)
+        shown = sorted((m for m in self.messages.values()
+                        if m["channel_id"] == request.match_info["cid"] and not m.get("deleted")), key=lambda m: int(m["id"]))
+        if "after" in q:
+            page = [m for m in shown if int(m["id"]) > int(q["after"])][:limit]
+        elif "around" in q:
+            pivot = int(q["around"])
+            older = [m for m in shown if int(m["id"]) < pivot][-(limit // 2):] if limit > 1 else []
+            page = older + [m for m in shown if int(m["id"]) >= pivot][:limit - len(older)]
+        else:
+            older = [m for m in shown if "before" not in q or int(m["id"]) < int(q["before"])]
+            page = older[-limit:]
+        return _json([self._public(m) for m in reversed(page)])
 
     def _existing(self, request: web.Request) -> dict[str, Any] | None:
         message = self.messages.get(int(request.match_info["mid"]))

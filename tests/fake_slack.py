@@ -6,7 +6,8 @@ status answered), the messages in each channel with their edits, reactions and f
 private answers sent to response URLs, and the Socket Mode acknowledgements. Tests drive it like
 Slack would: ``envelope(...)`` sends a Socket Mode envelope, ``command(...)`` and
 ``reaction(...)`` build the payloads, ``signed_headers(...)`` signs an HTTP-mode request.
-``fail(...)`` makes the next calls of a method answer 429, 5xx or a Slack error.
+``fail(...)`` makes the next calls of a method answer 429, 5xx or a Slack error. files.list
+lists the shared files as Slack does (by channel, uploader, creation time, type; newest first).
 """
 
 from __future__ import annotations
@@ -315,7 +316,8 @@ class FakeSlack:
     def _files_getUploadURLExternal(self, args: dict[str, Any]) -> web.Response:
         file_id = f"F{next(self._ids):09d}"
         self.files[file_id] = {"id": file_id, "name": args["filename"], "length": int(args["length"]),
-                               "alt_txt": args.get("alt_txt"), "shares": {}}
+                               "alt_txt": args.get("alt_txt"), "shares": {}, "user": BOT_USER,
+                               "created": int(time.time()), "channels": []}
         return _ok({"upload_url": f"{self.base}/upload/{file_id}", "file_id": file_id})
 
     def _files_completeUploadExternal(self, args: dict[str, Any]) -> web.Response:
@@ -336,6 +338,7 @@ class FakeSlack:
                 if message.thread_ts:
                     share["thread_ts"] = message.thread_ts
                 self.files[f["id"]]["shares"] = {"public": {channel: [share]}}
+                self.files[f["id"]]["channels"] = [channel]
         return _ok({"files": [{"id": f["id"], "title": f.get("title")} for f in files]})
 
     def _files_info(self, args: dict[str, Any]) -> web.Response:
@@ -344,6 +347,21 @@ class FakeSlack:
             return _error("file_not_found")
         self._info_calls[file["id"]] = seen = self._info_calls.get(file["id"], 0) + 1
         return _ok({"file": file if seen > self.share_delay else {**file, "shares": {}}})
+
+    def _files_list(self, args: dict[str, Any]) -> web.Response:
+        """Files shared in ``channel``, uploaded by ``user``, created in [ts_from, ts_to], of
+        ``types`` ("images": png, jpg, gif, webp); newest first, ``count`` a page."""
+        images = (".png", ".jpg", ".jpeg", ".gif", ".webp")
+        found = [f for f in self.files.values()
+                 if (not args.get("channel") or args["channel"] in f["channels"])
+                 and (not args.get("user") or f["user"] == args["user"])
+                 and int(args.get("ts_from") or 0) <= f["created"] <= int(args.get("ts_to") or 2**40)
+                 and (args.get("types", "all") != "images" or f["name"].lower().endswith(images))]
+        found.sort(key=lambda f: f["created"], reverse=True)
+        count, page = int(args.get("count") or 100), int(args.get("page") or 1)
+        listed = [{k: v for k, v in f.items() if k != "shares"} for f in found[(page - 1) * count:page * count]]
+        return _ok({"files": listed, "paging": {"count": count, "total": len(found), "page": page,
+                                                "pages": max(1, -(-len(found) // count))}})
 
     # -- uploads and response URLs -----------------------------------------------------------
 

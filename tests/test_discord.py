@@ -25,6 +25,7 @@ from PIL import Image
 
 from bot.cli.serve import BotCore, admin_policies, build_core, cmd_sync_commands, serve, serve_apps
 from bot.discord import DiscordApp, sync_commands
+from bot.posting import RetryPolicy
 from bot.settings import BotSettings, DiscordSettings, Settings
 from engine import Config, Engine, GenerationParams, JobCancelled, JobProgressed, JobRequest, JobStatus, Origin, Requester
 from engine.history import Deliveries, HistoryStore
@@ -43,6 +44,7 @@ from tests.fake_discord import (
     OTHER_CHANNEL_ID,
     OTHER_GUILD_CHANNEL_ID,
     OTHER_GUILD_ID,
+    Call,
     FakeDiscord,
 )
 
@@ -508,6 +510,108 @@ async def test_a_result_finished_but_never_posted_is_posted_at_the_next_start(fa
         deliveries = await running.core.engine.deliveries.of_job(handle.id)
     assert "posted late" in result["content"]
     assert [(d.kind, d.message_id) for d in deliveries] == [("result", result["id"])]
+
+
+# -- exactly-once delivery ------------------------------------------------------------------------
+
+FAST_RETRY = RetryPolicy(attempts=3, backoff_s=0.01)
+
+
+def result_posts(fake: FakeDiscord, job_id: str) -> list[Call]:
+    """Every POST of ``job_id``'s image to the channel, whatever was answered."""
+    return [c for c in fake.calls_to("POST", f"/channels/{CHANNEL_ID}/messages") if f"{job_id}.png" in c.files]
+
+
+def images_of(fake: FakeDiscord, job_id: str) -> list[dict[str, Any]]:
+    return [m for m in fake.channel_messages(with_files=True) if f"{job_id}.png" in m["files"]]
+
+
+def posts_with_an_image(call: Call) -> bool:
+    return bool(call.files)
+
+
+async def test_a_crash_between_posting_and_recording_the_result_posts_it_once_after_a_restart(
+        fake: FakeDiscord, config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    record = Deliveries.record
+    crashing = True
+
+    async def record_or_crash(self: Deliveries, job_id: str, **kwargs: Any) -> None:
+        if crashing and kwargs["kind"] == "result":  # the process dies right after Discord took the post
+            raise RuntimeError("killed before the delivery was recorded")
+        await record(self, job_id, **kwargs)
+
+    monkeypatch.setattr(Deliveries, "record", record_or_crash)
+    async with bot(fake, config) as running:
+        interaction = await fake.slash("imagine", {"prompt": "a lighthouse at dusk", **SMALL})
+        job_id = job_id_in((await running.reply_to(interaction))["content"])
+        await asyncio.wait_for(running.core.delivery.settled(job_id), 60)
+        assert len(images_of(fake, job_id)) == 1
+        assert not [d for d in await running.core.engine.deliveries.of_job(job_id) if d.kind == "result"]
+    crashing = False
+
+    async with bot(fake, config) as running:  # the next start: its catch-up finds the post
+        result = await running.result_of(job_id)
+        deliveries = await running.core.engine.deliveries.of_job(job_id)
+    assert images_of(fake, job_id) == [result] and len(result_posts(fake, job_id)) == 1
+    assert ("result", result["id"]) in [(d.kind, d.message_id) for d in deliveries]
+    assert fake.calls_to("GET", f"/channels/{CHANNEL_ID}/messages")  # it looked in the channel's history
+
+
+async def test_a_500_after_discord_made_the_message_still_posts_one_message(fake: FakeDiscord, config: Config) -> None:
+    # Discord made the message, then the answer was lost as a 500: discord.py sends it again
+    # (after 1 s) with the same nonce, and Discord returns the message it made.
+    fake.fail("POST", "/messages", status=500, after_effect=True, when=posts_with_an_image)
+    async with bot(fake, config) as running:
+        interaction = await fake.slash("imagine", {"prompt": "a paper crane", **SMALL})
+        job_id = job_id_in((await running.reply_to(interaction))["content"])
+        result = await running.result_of(job_id)
+        deliveries = await running.core.engine.deliveries.of_job(job_id)
+    posts = result_posts(fake, job_id)
+    assert [c.status for c in posts] == [500, 200]
+    assert posts[0].body["nonce"] == posts[1].body["nonce"] == f"r-{job_id}" and posts[0].body["enforce_nonce"]
+    assert images_of(fake, job_id) == [result]
+    assert [d.message_id for d in deliveries if d.kind == "result"] == [result["id"]]
+
+
+async def test_a_503_is_retried_by_the_bot_after_looking_for_the_message_first(fake: FakeDiscord,
+                                                                               config: Config) -> None:
+    # discord.py does not retry a 503; the bot does. Here the first try did make the message:
+    # the bot finds it in the channel before trying again, and records it.
+    fake.fail("POST", "/messages", status=503, after_effect=True, when=posts_with_an_image)
+    fake.fail("POST", "/messages", status=503, when=posts_with_an_image)  # then one that made nothing
+    async with bot(fake, config) as running:
+        running.app.outlet.result_retry = FAST_RETRY
+        first = job_id_in((await running.reply_to(await fake.slash("imagine", {"prompt": "one", **SMALL})))["content"])
+        found = await running.result_of(first)
+        second = job_id_in((await running.reply_to(await fake.slash("imagine", {"prompt": "two", **SMALL})))["content"])
+        posted = await running.result_of(second)
+        recorded = {j: [d.message_id for d in await running.core.engine.deliveries.of_job(j) if d.kind == "result"]
+                    for j in (first, second)}
+    assert [c.status for c in result_posts(fake, first)] == [503]  # found: not posted again
+    assert [c.status for c in result_posts(fake, second)] == [503, 200]
+    assert images_of(fake, first) == [found] and images_of(fake, second) == [posted]
+    assert recorded == {first: [found["id"]], second: [posted["id"]]}
+
+
+async def test_discord_down_past_the_retry_bound_gets_a_note_then_the_next_start_posts_it(
+        fake: FakeDiscord, config: Config) -> None:
+    fake.fail("POST", "/messages", status=503, times=FAST_RETRY.attempts, when=posts_with_an_image)
+    async with bot(fake, config) as running:
+        running.app.outlet.result_retry = FAST_RETRY
+        interaction = await fake.slash("imagine", {"prompt": "a patient heron", **SMALL})
+        job_id = job_id_in((await running.reply_to(interaction))["content"])
+        await asyncio.wait_for(running.core.delivery.settled(job_id), 60)
+        (status,) = [m for m in fake.channel_messages(with_files=False) if not m["webhook"]]
+        stored = (await running.core.engine.history.get_job(job_id))
+    assert [c.status for c in result_posts(fake, job_id)] == [503] * FAST_RETRY.attempts
+    assert status["content"].startswith(f"⚠️ <@{ALICE}> your image is ready, but posting it failed 3 times "
+                                        "(Discord answered 503)") and f"`show {job_id}`" in status["content"]
+    assert stored is not None and stored.status is JobStatus.SUCCEEDED and stored.image_path is not None
+
+    async with bot(fake, config) as running:  # Discord is back: the catch-up posts it, once
+        result = await running.result_of(job_id)
+    assert images_of(fake, job_id) == [result] and [c.status for c in result_posts(fake, job_id)][-1] == 200
+    assert status.get("deleted")  # the note was the status message: the image replaces it
 
 
 # -- registering commands -------------------------------------------------------------------------

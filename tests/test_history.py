@@ -18,8 +18,8 @@ import pytest_asyncio
 from engine import history
 from engine.errors import EngineError
 from engine.history import (
-    SCHEMA_VERSION, Deliveries, DuplicateJobError, HistoryError, HistoryStore, JobFinishedError, StorageError,
-    UnknownJobError, files, schema,
+    SCHEMA_VERSION, Deliveries, DuplicateJobError, HistoryError, HistoryStore, JobFinishedError, SeenKeys,
+    StorageError, UnknownJobError, files, schema,
 )
 from engine.jobs import GenerationParams, JobStatus, Origin, Requester, Timings
 
@@ -294,6 +294,48 @@ async def test_deliveries_map_messages_back_to_jobs_after_a_restart(tmp_path: Pa
                                 kind="result")
         moved = await deliveries.job_by_message(platform="discord", channel_id="c1", message_id="m1")
         assert moved is not None and moved.id == other.id
+
+
+@pytest.mark.asyncio
+async def test_a_seen_key_is_new_once_then_seen_until_its_ttl_passes_restarts_included(tmp_path: Path) -> None:
+    async with HistoryStore.open(tmp_path) as store:
+        seen = SeenKeys(store)
+        assert await seen.seen_before("slack:event:Ev1", 60, now=T0) is False
+        assert await seen.seen_before("slack:event:Ev1", 60, now=T0 + 1) is True
+        assert await seen.seen_before("slack:event:Ev2", 600, now=T0 + 1) is False
+        with pytest.raises(ValueError, match="ttl_s"):
+            await seen.seen_before("slack:event:Ev3", 0)
+    async with HistoryStore.open(tmp_path) as store:  # a restart
+        seen = SeenKeys(store)
+        assert await seen.seen_before("slack:event:Ev1", 60, now=T0 + 59) is True
+        assert await seen.seen_before("slack:event:Ev1", 60, now=T0 + 61) is False  # forgotten: new again
+        assert await seen.seen_before("slack:event:Ev2", 600, now=T0 + 61) is True  # each key keeps its own TTL
+        assert [r["key"] for r in await store._rows("SELECT key FROM seen_keys ORDER BY key")] == [
+            "slack:event:Ev1", "slack:event:Ev2"]
+
+
+@pytest.mark.asyncio
+async def test_eight_concurrent_callers_with_one_key_see_it_new_exactly_once(tmp_path: Path) -> None:
+    # Four on each of two connections to one file (two processes would look the same to SQLite).
+    async with HistoryStore.open(tmp_path) as one, HistoryStore.open(tmp_path) as two:
+        answers = await asyncio.gather(*(SeenKeys(store).seen_before("slack:command:7.trigger", 3600)
+                                         for store in (one, two) * 4))
+    assert sorted(answers) == [False] + [True] * 7
+
+
+@pytest.mark.asyncio
+async def test_a_version_2_file_gains_seen_keys_and_keeps_its_jobs(tmp_path: Path) -> None:
+    path = tmp_path / "promptpics.sqlite3"
+    with sqlite3.connect(path) as con:
+        for v, script in enumerate(schema.MIGRATIONS[:2]):
+            con.executescript(script)
+            con.execute(f"PRAGMA user_version = {v + 1}")
+    async with HistoryStore.open(tmp_path) as store:
+        job = await queue(store)
+        assert await SeenKeys(store).seen_before("k", 1.0) is False
+        assert (await store.get_job(job.id)) is not None
+    with sqlite3.connect(path) as con:
+        assert con.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
 
 
 @pytest.mark.asyncio

@@ -29,6 +29,7 @@ from discord.gateway import DiscordWebSocket
 from PIL import Image
 
 from bot.cli.serve import BotCore, admin_policies, build_core, platform_apps, serve, serve_apps
+from bot.posting import RetryPolicy
 from bot.settings import BotSettings, DiscordSettings, Settings, SlackSettings, load_settings, parse_slack_settings
 from bot.slack import SlackApp
 from bot.slack.outlet import CappedBackoff, ServerErrorRetry, retry_after_s, slack_text, unescape
@@ -46,6 +47,7 @@ from tests.fake_slack import (
     APP_TOKEN,
     BOB,
     BOT_TOKEN,
+    BOT_USER,
     CHANNEL,
     OTHER_TEAM_CHANNEL,
     OTHER_TEAM_ID,
@@ -69,7 +71,7 @@ REACTIONS = ["repeat", "camera", "jigsaw", "abc", "x"]  # 🔁, the other models
 # Each Web API method the bot calls, and the manifest scope that allows it.
 METHOD_SCOPES = {"chat.postMessage": "chat:write", "chat.update": "chat:write", "chat.delete": "chat:write",
                  "chat.postEphemeral": "chat:write", "files.getUploadURLExternal": "files:write",
-                 "files.completeUploadExternal": "files:write", "files.info": "files:read",
+                 "files.completeUploadExternal": "files:write", "files.info": "files:read", "files.list": "files:read",
                  "reactions.add": "reactions:write"}
 NO_SCOPE = {"auth.test", "apps.connections.open"}  # the bot token itself; the app-level token
 
@@ -432,6 +434,99 @@ async def test_rate_limits_and_server_errors_are_retried(fake: FakeSlack, config
     assert [c.status for c in fake.calls_to("chat.update")][:3] == [503, 503, 200]
     assert [c.status for c in fake.calls_to("files.completeUploadExternal")] == [500, 200]
     assert Image.open(io.BytesIO(png_of(fake, result))).format == "PNG"
+
+
+# -- exactly once -----------------------------------------------------------------------------------
+
+FAST_RETRY = RetryPolicy(attempts=3, backoff_s=0.01)
+
+
+def images_of(fake: FakeSlack, job_id: str) -> list[Message]:
+    """The messages sharing ``job_id``'s image (the uploaded file named after the job)."""
+    return [m for m in fake.channel_messages(with_files=True) if any(fake.files[f]["name"] == f"{job_id}.png"
+                                                                      for f in m.files)]
+
+
+async def test_a_crash_between_posting_and_recording_the_result_posts_it_once_after_a_restart(
+        fake: FakeSlack, config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    record = Deliveries.record
+    crashing = True
+
+    async def record_or_crash(self: Deliveries, job_id: str, **kwargs: Any) -> None:
+        if crashing and kwargs["kind"] == "result":  # the process dies right after Slack took the upload
+            raise RuntimeError("killed before the delivery was recorded")
+        await record(self, job_id, **kwargs)
+
+    monkeypatch.setattr(Deliveries, "record", record_or_crash)
+    async with bot(fake, config) as running:
+        payload, _ = await running.slash(f"a lighthouse at dusk {SMALL}")
+        job_id = job_id_in((await running.answers(payload))[0])
+        await asyncio.wait_for(running.core.delivery.settled(job_id), WAIT)
+        assert len(images_of(fake, job_id)) == 1
+    crashing = False
+
+    async with bot(fake, config) as running:  # the next start: its catch-up finds the upload
+        result = await running.result_of(job_id)
+        deliveries = await running.core.engine.deliveries.of_job(job_id)
+    assert images_of(fake, job_id) == [result] and len(fake.calls_to("files.completeUploadExternal")) == 1
+    assert ("result", result.ts) in {(d.kind, d.message_id) for d in deliveries}
+    (listed,) = fake.calls_to("files.list")
+    assert listed.args["channel"] == CHANNEL and listed.args["user"] == BOT_USER
+
+
+async def test_server_errors_past_the_clients_retries_post_the_image_again_once(fake: FakeSlack,
+                                                                                config: Config) -> None:
+    # slack_sdk tries a call 1 + max_retries (4) times; all five 500s, then the bot tries the whole
+    # post again, after looking for it: the first file was never shared, so one image in all.
+    fake.fail("files.completeUploadExternal", status=500, error="internal_error", times=5)
+    async with bot(fake, config) as running:
+        running.app.outlet.result_retry = FAST_RETRY
+        payload, _ = await running.slash(f"a patient fox {SMALL}")
+        job_id = job_id_in((await running.answers(payload))[0])
+        result = await running.result_of(job_id)
+    assert [c.status for c in fake.calls_to("files.completeUploadExternal")] == [500] * 5 + [200]
+    assert len(fake.calls_to("files.getUploadURLExternal")) == 2 and len(fake.calls_to("files.list")) == 1
+    assert images_of(fake, job_id) == [result]
+
+
+async def test_slack_down_past_the_retry_bound_gets_a_note_then_the_next_start_posts_it(fake: FakeSlack,
+                                                                                        config: Config) -> None:
+    fake.fail("files.completeUploadExternal", status=503, error="service_unavailable", times=5 * FAST_RETRY.attempts)
+    async with bot(fake, config) as running:
+        running.app.outlet.result_retry = FAST_RETRY
+        payload, _ = await running.slash(f"a patient heron {SMALL}")
+        job_id = job_id_in((await running.answers(payload))[0])
+        await asyncio.wait_for(running.core.delivery.settled(job_id), WAIT)
+        (status,) = fake.channel_messages()
+    assert status.text.startswith(f"⚠️ <@{ALICE}> your image is ready, but posting it failed 3 times "
+                                  "(Slack answered 503)") and f"`show {job_id}`" in status.text
+
+    async with bot(fake, config) as running:  # Slack is back: the catch-up posts it, once
+        result = await running.result_of(job_id)
+    assert images_of(fake, job_id) == [result] and result.thread_ts == status.ts
+
+
+async def test_a_redelivery_after_a_restart_creates_no_second_job(fake: FakeSlack, config: Config) -> None:
+    async with bot(fake, config) as running:
+        payload, _ = await running.slash(f"a lighthouse {SMALL}")
+        original = await running.result_of(job_id_in((await running.answers(payload))[0]))
+        event = await running.react(original.ts, "repeat", user=BOB)
+        await images_done(fake, 2)
+
+    async with bot(fake, config) as running:
+        # Slack's redeliveries after the restart: the same trigger id, and eight copies of the same event.
+        again = [await fake.envelope("slash_commands", payload)]
+        again += await asyncio.gather(*(fake.envelope("events_api", event, retry_attempt=2) for _ in range(8)))
+        for envelope_id in again:
+            await fake.ack_of(envelope_id)
+        # Eight copies of a new event make one job; once its image is there, a duplicate would be too.
+        fresh = fake.reaction(original.ts, "camera", user=ALICE)
+        for envelope_id in await asyncio.gather(*(fake.envelope("events_api", fresh) for _ in range(8))):
+            await fake.ack_of(envelope_id)
+        await images_done(fake, 3)
+        rows = await running.history_rows()
+    assert len(rows) == 3 and sum(r.requester.user_id == BOB for r in rows) == 1
+    assert sum(r.params.model_id == "realvis_xl" for r in rows) == 1
 
 
 async def test_retries_wait_what_retry_after_says_and_back_off_on_server_errors() -> None:

@@ -8,7 +8,9 @@ Rules of the platform this file follows:
   ``response_url`` (valid 30 minutes, so a long /promptpics preload still gets its answer).
 - Events are acknowledged by bolt before our listener runs. Slack redelivers one whose
   acknowledgement it did not see (HTTP ``X-Slack-Retry-Num``, Socket Mode ``retry_attempt``)
-  with the same ``event_id``: each event id, and each command's ``trigger_id``, is handled once.
+  with the same ``event_id``: each event id, and each command's ``trigger_id``, is handled once,
+  in memory and in the history's ``seen_keys`` for ``SEEN_TTL_S`` (a redelivery that arrives
+  after a restart is recognised too).
 - In HTTP mode bolt checks every request's signature and timestamp (401 otherwise).
 - Slack escapes ``&``, ``<`` and ``>`` in command text: the prompt is unescaped for the model.
 - Reactions are emoji *names* (``repeat``), mapped to characters by [slack.emoji_names].
@@ -63,6 +65,7 @@ LOGIN_ERRORS = frozenset({"invalid_auth", "not_authed", "account_inactive", "tok
                           "not_allowed_token_type"})
 SUBCOMMANDS = ("imagine", "history", "show", "models", "queue", "stats", "preload", "unload", "help")
 SIGNATURE_MAX_AGE_S = 5 * 60  # how old a signed HTTP request may be (Slack and bolt allow 5 minutes)
+SEEN_TTL_S = 3600.0  # Slack retries an event after about 1 and 5 minutes: an hour covers a restart between
 
 
 class SlackLoginFailure(Exception):
@@ -213,7 +216,7 @@ class SlackApp:
     # -- commands ------------------------------------------------------------------------------
 
     async def on_imagine(self, ack: Any, body: dict[str, Any], respond: Any) -> None:
-        if self._seen_before("command", body.get("trigger_id")):
+        if await self._seen_before("command", body.get("trigger_id")):
             await ack()
             return
         try:
@@ -232,7 +235,7 @@ class SlackApp:
 
     async def on_admin(self, ack: Any, body: dict[str, Any], respond: Any) -> None:
         await ack()
-        if self._seen_before("command", body.get("trigger_id")):
+        if await self._seen_before("command", body.get("trigger_id")):
             return
         words = unescape(str(body.get("text", ""))).strip().lstrip("/")
         name = words.split()[0].lower() if words else "help"
@@ -286,14 +289,14 @@ class SlackApp:
     # -- reactions -----------------------------------------------------------------------------
 
     async def on_reaction(self, body: dict[str, Any], event: dict[str, Any]) -> None:
-        if self._seen_before("event", body.get("event_id")):
-            return  # Slack's redelivery of an event already handled
         item, user = event.get("item") or {}, str(event.get("user", ""))
         emoji = self.outlet.emoji_of(str(event.get("reaction", "")))
         if item.get("type") != "message" or user == self.bot_user_id or emoji is None:
             return
         if self.commands.reaction_action(emoji) is None:
             return  # not one of ours: no database look-up for every reaction in the workspace
+        if await self._seen_before("event", body.get("event_id")):
+            return  # Slack's redelivery of an event already handled
         channel, ts = str(item.get("channel", "")), str(item.get("ts", ""))
         root: str | None = None
         try:  # the catch-all of this boundary
@@ -352,8 +355,10 @@ class SlackApp:
             except Exception as exc:
                 log.warning("job %s: could not tell the requester: %s", job.id, exc)
 
-    def _seen_before(self, kind: str, key: object) -> bool:
-        """True for an event or command already handled (Slack's retries); remembers ``key``."""
+    async def _seen_before(self, kind: str, key: object) -> bool:
+        """True for an event or command already handled (Slack's retries), also before a restart.
+        Memory decides first, with no await between check and mark (concurrent copies in this
+        process stop here); then the history's seen_keys, one atomic insert (a copy after a restart)."""
         if not key:
             return False
         name = f"{kind}:{key}"
@@ -361,7 +366,14 @@ class SlackApp:
             log.info("slack: ignoring a repeated %s %s", kind, key)
             return True
         self._seen[name] = None
-        return False
+        try:
+            seen = await self.commands.engine.dedup.seen_before(f"{PLATFORM}:{name}", SEEN_TTL_S)
+        except Exception as exc:  # the history cannot be written: a rare duplicate beats a lost request
+            log.warning("slack: could not keep %s %s as handled: %s", kind, key, exc)
+            return False
+        if seen:
+            log.info("slack: ignoring a repeated %s %s (handled before a restart)", kind, key)
+        return seen
 
     async def _on_error(self, error: Exception, body: dict[str, Any]) -> None:
         log.error("slack: a %s request failed", body.get("type") or body.get("command") or "Slack", exc_info=error)

@@ -7,7 +7,12 @@ token, the text escaping both directions, and the Web API client's retry manners
   message's thread. files.completeUploadExternal does not say which message shows the file:
   files.info ``shares`` does, once Slack has shared it (asynchronously, so it is polled briefly).
 - A 429 is retried after its Retry-After; 500/502/503/504 with exponential backoff (slack_sdk's
-  retry handlers, narrowed below).
+  retry handlers, narrowed below). A result upload still refused after them reaches
+  bot/posting.py as PlatformUnavailable, which tries the whole post again within its bound.
+- A result carries its job id in the uploaded file's name, ``<job id>.png``. Slack's upload
+  (files.completeUploadExternal) takes no message ``metadata``, so ``find_result`` asks files.list
+  (files:read, already granted) for this bot's file of that name in the job's channel, and
+  files.info for the message that shares it in the job's thread.
 - A channel that refuses the bot (``not_in_channel``, ...) is reported once per job to the
   adapter, which cancels the job and tells the requester what to do.
 """
@@ -16,11 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
+import aiohttp
 from cachetools import LRUCache
-from slack_sdk.errors import SlackApiError
+from slack_sdk.errors import SlackApiError, SlackRequestError
 from slack_sdk.http_retry.builtin_async_handlers import (
     AsyncConnectionErrorRetryHandler,
     AsyncRateLimitErrorRetryHandler,
@@ -35,7 +42,8 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import messages
 from bot.commands import normalise_emoji
-from bot.outlet import MessageGone, MessageRef, Picture
+from bot.outlet import MessageGone, MessageRef, Picture, PlatformUnavailable
+from bot.posting import DEFAULT_RETRY, RetryPolicy
 from bot.settings import SlackSettings
 from engine import StoredJob
 
@@ -50,6 +58,9 @@ CHANNEL_ERRORS = frozenset({"not_in_channel", "channel_not_found", "is_archived"
 SHARE_WAITS_S = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # files.info polls until the upload shows as shared
 REMEMBERED = 2000  # bounded per-job and per-event memories
 MAX_WAIT_S = 120.0  # the longest a Web API call waits before its retry, whatever Slack says
+FIND_LOOK_BACK_S = 60.0  # find_result lists files uploaded since this long before the job finished
+FIND_FILES = 200  # files.list page size (its maximum is 1000)
+_UPLOAD_STATUS = re.compile(r"status: (\d{3})")  # slack_sdk's SlackRequestError for a refused upload URL
 
 
 class ChannelUnavailable(Exception):
@@ -75,6 +86,21 @@ def slack_text(text: str, mention: str = "") -> str:
 
 def error_code(exc: SlackApiError) -> str:
     return str((exc.response.get("error") if exc.response is not None else None) or "unknown_error")
+
+
+def unavailable_error(exc: BaseException) -> PlatformUnavailable | None:
+    """Slack down for a while (5xx, 429, no connection), after the client's own retries, as
+    PlatformUnavailable; None for the rest. The sentence names the status, never a URL."""
+    status = None
+    if isinstance(exc, SlackApiError) and exc.response is not None:
+        status = exc.response.status_code
+    elif isinstance(exc, SlackRequestError) and (match := _UPLOAD_STATUS.search(str(exc))):
+        status = int(match[1])
+    if status is not None and (status >= 500 or status == 429):
+        return PlatformUnavailable(f"Slack answered {status}")
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        return PlatformUnavailable(f"Slack could not be reached ({type(exc).__name__})")
+    return None
 
 
 # -- the Web API client ------------------------------------------------------------------------
@@ -179,8 +205,11 @@ class SlackOutlet:
     progress_interval_s: float | None = None  # [bot] progress_interval_s (chat.update is rate limited)
 
     def __init__(self, client: AsyncWebClient, emoji_names: Mapping[str, str],
-                 on_channel_error: Callable[[StoredJob, str], Awaitable[None]]) -> None:
+                 on_channel_error: Callable[[StoredJob, str], Awaitable[None]],
+                 result_retry: RetryPolicy = DEFAULT_RETRY) -> None:
         self._client, self._on_channel_error = client, on_channel_error
+        self.result_retry = result_retry  # whole posts, on top of the client's per-call retries
+        self._user_id: str | None = None  # the bot user's id, from auth.test when first needed
         self._names = {normalise_emoji(e): n for e, n in emoji_names.items()}
         self._emojis = {n: e for e, n in reversed(list(self._names.items()))}
         self._unreachable: LRUCache[str, str] = LRUCache(maxsize=REMEMBERED)  # job id -> Slack's refusal: no more calls
@@ -225,16 +254,37 @@ class SlackOutlet:
     async def post_result(self, job: StoredJob, picture: Picture, caption: str, status: MessageRef | None) -> MessageRef:
         channel = job.origin.channel_id
         thread = job.origin.thread_id or (status.message_id if status else None)
-        response = await self._call(job, self._client.files_upload_v2, channel=channel, file=picture.png,
-                                    filename=f"{job.id}.png", title=messages.clip(job.params.prompt, 80),
-                                    alt_txt=messages.clip(job.params.prompt, 1000),
-                                    initial_comment=self._text(job, caption), thread_ts=thread)
+        try:
+            response = await self._call(job, self._client.files_upload_v2, channel=channel, file=picture.png,
+                                        filename=f"{job.id}.png", title=messages.clip(job.params.prompt, 80),
+                                        alt_txt=messages.clip(job.params.prompt, 1000),
+                                        initial_comment=self._text(job, caption), thread_ts=thread)
+        except (SlackApiError, SlackRequestError, aiohttp.ClientError, OSError) as exc:
+            if (unavailable := unavailable_error(exc)) is None:
+                raise
+            raise unavailable from exc
         file_id = str(response["file"]["id"])
         ts = await self._shared_at(job, file_id, channel, thread)
         if ts is None:  # reactions then go on the status message, which maps to the same job
             log.warning("job %s: Slack did not say which message shows file %s", job.id, file_id)
             ts = status.message_id if status else file_id
         return MessageRef(channel, ts)
+
+    async def find_result(self, job: StoredJob, status: MessageRef | None) -> MessageRef | None:
+        """The message showing this bot's ``<job id>.png`` in the job's channel, uploaded since
+        shortly before the job finished (files.list, then files.info for the share's ts)."""
+        channel = job.origin.channel_id
+        thread = job.origin.thread_id or (status.message_id if status else None)
+        if self._user_id is None:
+            self._user_id = str((await self._client.auth_test()).get("user_id") or "")
+        since = int((job.finished_at or job.created_at) - FIND_LOOK_BACK_S)
+        listed = await self._client.files_list(channel=channel, user=self._user_id or None, ts_from=str(since),
+                                               types="images", count=FIND_FILES)
+        for file in listed.get("files") or []:
+            if file.get("name") == f"{job.id}.png" and (ts := await self._shared_at(job, str(file["id"]), channel,
+                                                                                     thread)) is not None:
+                return MessageRef(channel, ts)
+        return None
 
     async def _shared_at(self, job: StoredJob, file_id: str, channel: str, thread: str | None) -> str | None:
         """The ts of the message showing ``file_id`` in ``channel``: files.info ``shares``, which

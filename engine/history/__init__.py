@@ -4,6 +4,7 @@
     database.py    the connection: open (checks, pragmas, migrations), close, cancel-safe ``_write``
     store.py       ``HistoryStore``: a job's life (queued, attempts, finished), reads, pruning
     deliveries.py  ``Deliveries``: which chat message shows which job (``engine.deliveries``)
+    dedup.py       ``SeenKeys``: platform ids already handled, with a TTL (``engine.dedup``)
     records.py     plain data returned (``StoredJob``, ``AttemptRecord``, ``DeliveryRecord``), job ids
     stats.py       ``ModelStats``: the per-model queries and their aggregation
     files.py       image paths, ``write_atomic`` (the engine's one atomic writer), pruning files
@@ -11,6 +12,7 @@
     lock.py        ``DataFolderLock``: one process runs the jobs of a data folder
 """
 
+from engine.history.dedup import SeenKeys
 from engine.history.deliveries import Deliveries
 from engine.history.errors import DuplicateJobError, HistoryError, JobFinishedError, StorageError, UnknownJobError
 from engine.history.files import IMAGES_DIR, write_atomic
@@ -29,6 +31,6 @@ from engine.history.store import HistoryStore
 __all__ = [
     "APPLICATION_ID", "ATTEMPT_OUTCOMES", "AttemptRecord", "DELIVERY_KINDS", "DataFolderLock", "Deliveries",
     "DeliveryRecord", "DuplicateJobError", "HistoryError", "HistoryStore", "ID_ALPHABET", "ID_LENGTH", "IMAGES_DIR",
-    "JobFinishedError", "LOCK_NAME", "MIGRATIONS", "ModelStats", "SCHEMA_VERSION", "StorageError", "StoredJob",
+    "JobFinishedError", "LOCK_NAME", "MIGRATIONS", "ModelStats", "SCHEMA_VERSION", "SeenKeys", "StorageError", "StoredJob",
     "UnknownJobError", "new_job_id", "write_atomic",
 ]

@@ -3,7 +3,8 @@
 Schema versions: ``MIGRATIONS[v]`` takes a file from ``PRAGMA user_version`` v to v + 1; they
 run in order at open, each in its own transaction. Never edit a released script: append one.
 1: jobs, attempts, deliveries. 2: ``jobs.nsfw_allowed`` (0 for older jobs). 3: ``jobs.origin_server_id``
-('' for older jobs).
+('' for older jobs). 4: ``seen_keys`` (platform ids already handled, such as Slack event ids, kept
+for a while: dedup.py).
 """
 
 from __future__ import annotations
@@ -96,7 +97,17 @@ _V3_ORIGIN_SERVER = """
 ALTER TABLE jobs ADD COLUMN origin_server_id TEXT NOT NULL DEFAULT '';
 """
 
-MIGRATIONS: list[str] = [_SCHEMA_V1, _V2_NSFW_ALLOWED, _V3_ORIGIN_SERVER]
+_V4_SEEN_KEYS = """
+-- ids a platform may deliver more than once (Slack's event ids, trigger ids), so a redelivery is
+-- recognised after a restart too; a key is forgotten once its TTL has passed (dedup.py)
+CREATE TABLE seen_keys (
+    key         TEXT PRIMARY KEY,                     -- "slack:event:Ev0123", "slack:command:<trigger_id>"
+    expires_at  REAL NOT NULL                         -- unix seconds: first seen + its TTL
+) WITHOUT ROWID;
+CREATE INDEX seen_keys_by_expiry ON seen_keys (expires_at);
+"""
+
+MIGRATIONS: list[str] = [_SCHEMA_V1, _V2_NSFW_ALLOWED, _V3_ORIGIN_SERVER, _V4_SEEN_KEYS]
 """``MIGRATIONS[v]`` upgrades a file from ``user_version`` v to v + 1."""
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -153,3 +164,7 @@ VALUES (:job_id, :platform, :channel_id, :message_id, :kind, :created_at)
     ON CONFLICT (platform, channel_id, message_id)
     DO UPDATE SET job_id = excluded.job_id, kind = excluded.kind
 """
+
+FORGET_SEEN_KEYS = "DELETE FROM seen_keys WHERE expires_at <= :now"
+
+INSERT_SEEN_KEY = "INSERT INTO seen_keys (key, expires_at) VALUES (:key, :expires_at) ON CONFLICT (key) DO NOTHING"
