@@ -58,6 +58,7 @@ from engine.jobs import (
     Requester,
     Timings,
 )
+from engine.probes import TorchFacts, embedding_model_state, nudenet_state, torch_facts_blocking
 from engine.router import CascadeRouter
 from engine.router import evaluate as evaluate_router
 from engine.router import format_report as format_router_report
@@ -100,4 +101,6 @@ __all__ = [
     # model weights: `promptpics download` and `promptpics doctor`
     "DownloadInterruptedError", "DownloadPlan", "Hub", "WeightsError", "WeightsState", "WeightsTarget", "check_disk", "fetch", "free_bytes",
     "human_bytes", "llm_targets", "plan_download", "weight_targets", "weights_state",
+    # what this machine offers: `promptpics doctor`
+    "TorchFacts", "embedding_model_state", "nudenet_state", "torch_facts_blocking",
 ]
