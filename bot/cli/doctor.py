@@ -43,6 +43,8 @@ def add_doctor_command(subparsers: Any) -> None:
     doctor = subparsers.add_parser("doctor", help="check the setup: GPU, weights, data folder, tokens")
     doctor.add_argument("--json", action="store_true", help='{"checks": {name: {"status", "detail"}}, "ok": bool}')
     doctor.add_argument("--offline", action="store_true", help="make no network call (also when HF_HUB_OFFLINE is set)")
+    doctor.add_argument("--skip-gpu", action="store_true",
+                        help="don't ask CUDA (a health check beside a running bot: asking opens a context on its card)")
     doctor.set_defaults(run=cmd_doctor)
 
 
@@ -50,9 +52,10 @@ async def cmd_doctor(config: Config, args: argparse.Namespace) -> int:
     offline = args.offline or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     config = await asyncio.to_thread(prepare, config)
     hub = Hub.from_environment(os.environ)
-    facts, local = await asyncio.gather(asyncio.to_thread(torch_facts_blocking),
+    facts, local = await asyncio.gather(asyncio.to_thread(_torch_facts, args.skip_gpu),
                                         asyncio.to_thread(_local_checks, config, hub))
-    checks = _machine_checks(config, facts) | local | await platform_checks(config, os.environ, offline=offline)
+    machine = _machine_checks(config, facts) if facts else {"gpu": Check("ok", "not asked (--skip-gpu)")}
+    checks = machine | local | await platform_checks(config, os.environ, offline=offline)
     ok = all(check.status != "fail" for check in checks.values())
     if args.json:
         print(json.dumps({"checks": {name: {"status": c.status, "detail": c.detail} for name, c in checks.items()},
@@ -72,6 +75,10 @@ def _print(config: Config, checks: dict[str, Check], ok: bool) -> None:
 
 
 # -- Python, torch, the card ---------------------------------------------------------------------
+
+
+def _torch_facts(skip: bool) -> TorchFacts | None:
+    return None if skip else torch_facts_blocking()
 
 
 def _machine_checks(config: Config, facts: TorchFacts) -> dict[str, Check]:
