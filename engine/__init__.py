@@ -59,12 +59,29 @@ from engine.jobs import (
     Requester,
     Timings,
 )
+from engine.probes import TorchFacts, embedding_model_state, nudenet_state, torch_facts_blocking
 from engine.router import CascadeRouter
 from engine.router import evaluate as evaluate_router
 from engine.router import format_report as format_router_report
 from engine.router import read_examples as read_router_examples
 from engine.safety import BlankImageError, ImageRefusedError, UnsafeContentError
 from engine.tiny import ensure_tiny_models
+from engine.weights import (
+    DownloadInterruptedError,
+    DownloadPlan,
+    Hub,
+    WeightsError,
+    WeightsState,
+    WeightsTarget,
+    check_disk,
+    fetch,
+    free_bytes,
+    human_bytes,
+    llm_targets,
+    plan_download,
+    weight_targets,
+    weights_state,
+)
 
 __all__ = [
     "Config", "ConfigError", "Engine", "EngineError", "GenerationError", "GenerationParams", "JobCancelled",
@@ -82,4 +99,9 @@ __all__ = [
     "describe_models", "MAX_SEED", "ensure_tiny_models",
     # the router on its own: `promptpics route` and `promptpics eval-router`
     "CascadeRouter", "ROUTER_STAGES", "evaluate_router", "format_router_report", "read_router_examples",
+    # model weights: `promptpics download` and `promptpics doctor`
+    "DownloadInterruptedError", "DownloadPlan", "Hub", "WeightsError", "WeightsState", "WeightsTarget", "check_disk", "fetch", "free_bytes",
+    "human_bytes", "llm_targets", "plan_download", "weight_targets", "weights_state",
+    # what this machine offers: `promptpics doctor`
+    "TorchFacts", "embedding_model_state", "nudenet_state", "torch_facts_blocking",
 ]

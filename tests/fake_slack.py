@@ -106,6 +106,7 @@ class FakeSlack:
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
         self.port = 0
+        self.scopes: tuple[str, ...] | None = None  # auth.test's x-oauth-scopes header, when set
 
     # -- lifetime ----------------------------------------------------------------------------
 
@@ -256,8 +257,9 @@ class FakeSlack:
         return handler(call.args) if handler else _error("unknown_method", 404)
 
     def _auth_test(self, args: dict[str, Any]) -> web.Response:
+        scopes = {"x-oauth-scopes": ",".join(self.scopes)} if self.scopes is not None else None
         return _ok({"url": "https://fake.slack.com/", "team": "Fake", "user": BOT_NAME, "team_id": TEAM_ID,
-                    "user_id": BOT_USER, "bot_id": BOT_ID, "is_enterprise_install": False})
+                    "user_id": BOT_USER, "bot_id": BOT_ID, "is_enterprise_install": False}, headers=scopes)
 
     def _apps_connections_open(self, args: dict[str, Any]) -> web.Response:
         self.connections_opened += 1

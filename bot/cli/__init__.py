@@ -4,6 +4,8 @@ config, builds and passes in.
 - jobs.py: imagine, history, show, stats, models (one-shot, on their own engine or the history)
 - serve.py: chat (the terminal) and run (every chat platform whose token is set), sync-commands
 - router.py: route and eval-router (the router on its own)
+- download.py: download (the models' weights from the hub)
+- doctor.py, platform_checks.py: doctor (what will and won't work, and why)
 - profile.py: the tiny profile's models, built once before any of them runs
 """
 
@@ -17,6 +19,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from bot.cli.doctor import add_doctor_command
+from bot.cli.download import add_download_command
 from bot.cli.jobs import add_job_commands
 from bot.cli.router import add_router_commands
 from bot.cli.serve import add_bot_commands
@@ -47,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_job_commands(commands)
     add_bot_commands(commands)
     add_router_commands(commands)
+    add_download_command(commands)
+    add_doctor_command(commands)
     for subcommand in commands.choices.values():  # every one, those added later included
         add_global_options(subcommand, in_subcommand=True)
     return parser
