@@ -236,3 +236,24 @@ def test_version_comes_from_the_package(fresh_env: dict[str, str]) -> None:
 
     done = promptpics(fresh_env, "--version")
     assert done.returncode == 0 and done.stdout.strip() == f"promptpics {importlib.metadata.version('promptpics')}"
+
+
+# -- 6. a closed stdout --------------------------------------------------------------------------------
+
+
+def test_a_closed_stdout_cancels_the_job_like_ctrl_c(cli_env: dict[str, str]) -> None:
+    """`promptpics imagine ... | head -1` whose reader leaves mid-job: a real pipe, closed once
+    the job is queued. The job ends cancelled (not left running for the next start), exit 141."""
+    proc = subprocess.Popen([sys.executable, "-m", "bot", "--profile", "tiny", "imagine", "a red fox", "--steps", "50",
+                             "--width", "256", "--height", "256"], cwd=REPO, env=cli_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stderr.readline()  # "job abc123: ..." once the job is recorded and queued
+    assert first.startswith("job "), first + proc.stderr.read()
+    proc.stdout.close()
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, rest
+    assert "Traceback" not in rest and "stdout was closed" in rest
+    job_id = first.split()[1].rstrip(":")
+    shown = json.loads(promptpics(cli_env, "show", job_id, "--json").stdout)
+    assert shown["status"] == "cancelled"
