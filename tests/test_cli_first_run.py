@@ -257,3 +257,17 @@ def test_a_closed_stdout_cancels_the_job_like_ctrl_c(cli_env: dict[str, str]) ->
     job_id = first.split()[1].rstrip(":")
     shown = json.loads(promptpics(cli_env, "show", job_id, "--json").stdout)
     assert shown["status"] == "cancelled"
+
+
+def test_a_failed_load_logs_one_line_and_keeps_its_traceback_for_verbose(fresh_env: dict[str, str],
+                                                                         tmp_path: Path) -> None:
+    folder = tmp_path / "flux"
+    folder.mkdir()  # there, so the weights check passes; empty, so the load itself fails
+    config = (REPO / "config.toml").read_text(encoding="utf-8").replace('"black-forest-labs/FLUX.1-dev"', f'"{folder}"')
+    config = config.replace('device = "auto"', 'device = "cpu"')
+    (tmp_path / "c.toml").write_text(config, encoding="utf-8")
+    argv = ["--config", str(tmp_path / "c.toml"), "imagine", "a cat", "--model", "flux_dev", "--steps", "1"]
+    quiet = promptpics(fresh_env, *argv)
+    assert quiet.returncode == 1 and "could not be loaded" in quiet.stderr and "Traceback" not in quiet.stderr
+    verbose = promptpics(fresh_env, *argv, "-v")
+    assert verbose.returncode == 1 and "Traceback" in verbose.stderr

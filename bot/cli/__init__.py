@@ -75,10 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    before = set(logging.getLogger().handlers)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # a warning stays one line; its traceback is for -v
-        for handler in logging.getLogger().handlers:
+        for handler in set(logging.getLogger().handlers) - before:  # ours only, not a host's (pytest's)
             handler.addFilter(_without_traceback)
     # discord.py warns at every start that voice needs PyNaCl and davey: the bot has no voice.
     logging.getLogger("discord.client").addFilter(lambda record: "voice will NOT be supported" not in record.getMessage())
