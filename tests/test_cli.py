@@ -50,7 +50,7 @@ def test_imagine_keeps_the_png_in_the_history_and_history_and_show_find_it(cli_e
     assert as_json["attempts"][0]["outcome"] == "succeeded" and as_json["steps"] == 1
 
     missing = promptpics(cli_env, "show", "zzzzzz")
-    assert missing.returncode == 1 and "no job `zzzzzz`" in missing.stderr
+    assert missing.returncode == 2 and "no job `zzzzzz`" in missing.stderr
 
 
 @pytest.mark.parametrize(

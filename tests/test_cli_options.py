@@ -131,5 +131,5 @@ def test_read_only_commands_start_no_engine_and_work_beside_a_busy_one(cli_env: 
                                                                         argv: list[str]) -> None:
     done = promptpics_beside_a_busy_engine(cli_env, *argv)
     assert "another PromptPics process" not in done.stderr and "Traceback" not in done.stderr
-    assert done.returncode == (1 if argv[0] == "show" else 0), done.stderr  # show: no such job, said in one line
+    assert done.returncode == (2 if argv[0] == "show" else 0), done.stderr  # show: no such job, said in one line
 

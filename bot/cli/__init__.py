@@ -7,26 +7,35 @@ config, builds and passes in.
 - download.py: download (the models' weights from the hub)
 - doctor.py, platform_checks.py: doctor (what will and won't work, and why)
 - profile.py: the tiny profile's models, built once before any of them runs
+- preflight.py: what is checked before any engine starts (data folder, --out, hub, weights, stdout)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import logging
 import os
 import sys
+import tomllib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from bot.cli.doctor import add_doctor_command
 from bot.cli.download import add_download_command
-from bot.cli.jobs import add_job_commands
+from bot.cli.jobs import STDOUT_CLOSED, add_job_commands
+from bot.cli.preflight import Refused, check_data_dir
 from bot.cli.router import add_router_commands
 from bot.cli.serve import add_bot_commands
+from bot.settings import load_settings
 from engine import EngineError, load_config
 
 log = logging.getLogger("promptpics")
+HISTORY_ONLY = frozenset({"history", "show", "stats"})  # read the history only: a read-only folder will do
+READ_ONLY = HISTORY_ONLY | {"sync-commands", "route", "eval-router", "models"}  # and these, but for the tiny profile
+REPORTS_ON_DATA_DIR = frozenset({"doctor", "download"})  # say what is wrong with the folder themselves, or never use it
 
 
 def add_global_options(parser: argparse.ArgumentParser, *, in_subcommand: bool) -> None:
@@ -43,8 +52,21 @@ def add_global_options(parser: argparse.ArgumentParser, *, in_subcommand: bool) 
     group.add_argument("-v", "--verbose", action="store_true", help="log what the engine does", **kept)
 
 
+def version() -> str:
+    """The installed package's version; from pyproject.toml when run from a checkout."""
+    try:
+        return importlib.metadata.version("promptpics")
+    except importlib.metadata.PackageNotFoundError:
+        pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+        try:
+            return str(tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["version"])
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="promptpics", description="Self-hosted image generation bot.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     add_global_options(parser, in_subcommand=False)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -60,8 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    before = set(logging.getLogger().handlers)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # a warning stays one line; its traceback is for -v
+        for handler in set(logging.getLogger().handlers) - before:  # ours only, not a host's (pytest's)
+            handler.addFilter(_without_traceback)
     # discord.py warns at every start that voice needs PyNaCl and davey: the bot has no voice.
     logging.getLogger("discord.client").addFilter(lambda record: "voice will NOT be supported" not in record.getMessage())
     if not args.verbose:
@@ -70,14 +96,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     try:
+        # Before anything starts: the whole config (every table, [bot] [discord] [slack] included)
+        # and the data folder; each command then checks its own request.
         config = load_config(args.config, profile=args.profile)
+        load_settings(config, os.environ)
+        writes = args.command not in READ_ONLY or config.profile == "tiny" and args.command not in HISTORY_ONLY
+        if args.command not in REPORTS_ON_DATA_DIR:
+            check_data_dir(config, os.environ, writes=writes)
         return int(asyncio.run(args.run(config, args)))
     except EngineError as exc:  # bad config or request, a data folder another process holds, ...: one line
         print(f"promptpics: {exc.user_message}", file=sys.stderr)
         return 2
+    except Refused as exc:
+        print(exc, file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("promptpics: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout's reader left after the work was done: nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit must not fail
+        return STDOUT_CLOSED
+
+
+def _without_traceback(record: logging.LogRecord) -> bool:
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+    return True
 
 
 def run() -> None:

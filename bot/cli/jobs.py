@@ -9,14 +9,17 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import re
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from bot.cli.preflight import cancelled_when_stdout_closes, check_out, check_weights, hub_sources, settle_offline
 from bot.cli.profile import prepare
 from bot.progress import ProgressBar
 from engine import (
+    AttemptRecord,
     Config,
     Engine,
     HistoryStore,
@@ -28,9 +31,14 @@ from engine import (
     JobQueued,
     JobRequest,
     JobStarted,
+    RequestError,
     StoredJob,
+    check_request,
     describe_models,
 )
+
+MAX_HISTORY_LIMIT = 1000  # rows per `history`; more is a database dump, not a listing
+STDOUT_CLOSED = 141  # what a shell reports for a process ended by SIGPIPE (128 + 13)
 
 
 def add_job_commands(subparsers: Any) -> None:
@@ -48,7 +56,7 @@ def add_job_commands(subparsers: Any) -> None:
 
     history = subparsers.add_parser("history", help="recent jobs, newest first")
     history.add_argument("--user", help="only this user id")
-    history.add_argument("--limit", type=int, default=20)
+    history.add_argument("--limit", type=int, default=20, help=f"at most this many rows (1 to {MAX_HISTORY_LIMIT})")
     history.add_argument("--json", action="store_true")
     history.set_defaults(run=cmd_history)
 
@@ -66,16 +74,33 @@ def add_job_commands(subparsers: Any) -> None:
 
 
 async def cmd_imagine(config: Config, args: argparse.Namespace) -> int:
-    config = await asyncio.to_thread(prepare, config)
     request = JobRequest(prompt=args.prompt, model=args.model, negative_prompt=args.negative, steps=args.steps,
                          guidance=args.guidance, width=args.width, height=args.height, seed=args.seed)
+    # 1. Everything that can be refused without an engine: the request, --out, the weights.
+    models = check_request(request, config)
+    if args.out is not None:
+        check_out(args.out)
+    offline = settle_offline(hub_sources(config, models) if config.profile == "real" else ())
+    check_weights(config, models, offline=offline)
+    # 2. The job; a closed stdout drops it as Ctrl-C does.
+    with cancelled_when_stdout_closes() as stdout_closed:
+        try:
+            return await imagine(await asyncio.to_thread(prepare, config), request, args.out)
+        except asyncio.CancelledError:
+            if not stdout_closed():
+                raise
+            print("promptpics: stdout was closed; the job was cancelled", file=sys.stderr)
+            return STDOUT_CLOSED
+
+
+async def imagine(config: Config, request: JobRequest, out: Path | None) -> int:
     async with Engine(config) as engine:
         if engine.resumed:
             print(f"{len(engine.resumed)} job(s) left by an earlier run go first", file=sys.stderr)
         handle = await engine.submit(request)
         try:
-            return await follow(config, handle, args.out)
-        except asyncio.CancelledError:  # Ctrl-C: this job is the user's to drop, not to keep
+            return await follow(config, handle, out)
+        except asyncio.CancelledError:  # Ctrl-C or a closed stdout: this job is the user's to drop, not to keep
             await handle.cancel()
             raise
 
@@ -98,8 +123,13 @@ async def follow(config: Config, handle: JobHandle, out: Path | None) -> int:
                 bar.close()
                 path = Path(result.image_path) if result.image_path else None
                 if out is not None:
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    out.write_bytes(result.png)
+                    try:
+                        out.parent.mkdir(parents=True, exist_ok=True)
+                        out.write_bytes(result.png)
+                    except OSError as exc:
+                        print(f"promptpics: `--out` {str(out)!r} could not be written ({exc.strerror}); "
+                              f"the image is kept at {path}", file=sys.stderr)
+                        return 2
                     path = out
                 t = result.timings
                 print(f"wrote {path} ({result.width}x{result.height}; load {t.load_s:.2f} s, "
@@ -117,46 +147,65 @@ async def follow(config: Config, handle: JobHandle, out: Path | None) -> int:
     return 1
 
 
+def read_history(config: Config) -> Any:
+    """The history opened read-only (``mode=ro``): a backup in a read-only folder can be read."""
+    return HistoryStore.open(config.data_dir, busy_timeout_s=config.history.busy_timeout_s, read_only=True)
+
+
+def has_history(config: Config) -> bool:
+    return (config.data_dir / "promptpics.sqlite3").is_file()
+
+
 async def cmd_history(config: Config, args: argparse.Namespace) -> int:
-    async with HistoryStore.open(config.data_dir, busy_timeout_s=config.history.busy_timeout_s) as store:
-        jobs = await store.recent_jobs(user_id=args.user, limit=args.limit)
+    if not 1 <= args.limit <= MAX_HISTORY_LIMIT:
+        raise RequestError("--limit", args.limit, f"it must be a whole number from 1 to {MAX_HISTORY_LIMIT}")
+    jobs: list[StoredJob] = []
+    if has_history(config):
+        async with read_history(config) as store:
+            jobs = await store.recent_jobs(user_id=args.user, limit=args.limit)
     if args.json:
-        print(json.dumps([job_summary(j) for j in jobs], indent=2, ensure_ascii=False))
+        print(safe_json([job_summary(j) for j in jobs]))
         return 0
     if not jobs:
         print("no jobs yet")
     for job in jobs:
         when = datetime.fromtimestamp(job.created_at).strftime("%Y-%m-%d %H:%M")
         prompt = job.params.prompt if len(job.params.prompt) <= 50 else job.params.prompt[:47] + "..."
-        print(f"{job.id}  {when}  {job.status.value:<9}  {job.params.model_id:<10}  "
-              f"{job.requester.display_name or job.requester.user_id:<12}  {prompt}")
+        print(shown(f"{job.id}  {when}  {job.status.value:<9}  {job.params.model_id:<10}  "
+                    f"{job.requester.display_name or job.requester.user_id:<12}  {prompt}"))
     return 0
 
 
 async def cmd_show(config: Config, args: argparse.Namespace) -> int:
-    async with HistoryStore.open(config.data_dir, busy_timeout_s=config.history.busy_timeout_s) as store:
-        job = await store.get_job(args.job_id.strip().lower())
-        attempts = await store.attempts(job.id) if job else []
+    job: StoredJob | None = None
+    attempts: list[AttemptRecord] = []
+    if has_history(config):
+        async with read_history(config) as store:
+            job = await store.get_job(args.job_id.strip().lower())
+            attempts = await store.attempts(job.id) if job else []
     if job is None:
-        print(f"promptpics: no job `{args.job_id}` in the history", file=sys.stderr)
-        return 1
+        print(f"promptpics: no job `{shown(args.job_id)}` in the history", file=sys.stderr)
+        return 2
     summary = job_summary(job) | {"attempts": [
         {"n": a.n, "model": a.model_id, "prompt_used": a.prompt_used, "outcome": a.outcome,
          "retry_reason": a.retry_reason, "verdicts": a.verdicts} for a in attempts]}
     if args.json:
-        print(json.dumps(summary, indent=2, ensure_ascii=False))
+        print(safe_json(summary))
         return 0
     for key, value in summary.items():
         if key != "attempts" and value not in (None, ""):
-            print(f"{key + ':':<16}{value}")
+            print(shown(f"{key + ':':<16}{value}"))
     for a in summary["attempts"]:
-        print(f"attempt {a['n']}:       {a['model']} -> {a['outcome']}" + (f" ({a['retry_reason']})" if a["retry_reason"] else ""))
+        print(shown(f"attempt {a['n']}:       {a['model']} -> {a['outcome']}"
+                    + (f" ({a['retry_reason']})" if a["retry_reason"] else "")))
     return 0
 
 
 async def cmd_stats(config: Config, args: argparse.Namespace) -> int:
-    async with HistoryStore.open(config.data_dir, busy_timeout_s=config.history.busy_timeout_s) as store:
-        rows = [dataclasses.asdict(s) for s in await store.model_stats()]
+    rows: list[dict[str, Any]] = []
+    if has_history(config):
+        async with read_history(config) as store:
+            rows = [dataclasses.asdict(s) for s in await store.model_stats()]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -171,6 +220,22 @@ async def cmd_stats(config: Config, args: argparse.Namespace) -> int:
               f"{r['nsfw_flagged']:>5} {r['black_flagged']:>5} {r['fixed_by_rewrite']:>5} {r['fell_back']:>9} "
               f"{r['refused']:>7}")
     return 0
+
+
+# C0 and C1 controls and DEL: a chat user's prompt with ESC [2J or an OSC title sequence must not
+# drive the admin's terminal. Shown as visible escapes (\x1b) instead.
+_TERMINAL_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def shown(text: str) -> str:
+    """``text`` safe to print to a terminal: every control character as a visible ``\\xNN``."""
+    return _TERMINAL_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def safe_json(value: Any) -> str:
+    """JSON escapes C0 itself; DEL and C1 (ensure_ascii=False keeps them raw) become \\u00NN too."""
+    text = json.dumps(value, indent=2, ensure_ascii=False)
+    return re.sub(r"[\x7f-\x9f]", lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def job_summary(job: StoredJob) -> dict[str, Any]:

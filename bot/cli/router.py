@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bot.cli.preflight import hub_sources, settle_offline
 from bot.cli.profile import prepare
 from engine import (
     ROUTER_STAGES,
@@ -60,8 +61,14 @@ def _with_stages(config: Config, stages: str | None) -> Config:
     return config.model_copy(update={"router": config.router.model_copy(update={"stages": ordered})})
 
 
+def router_sources(config: Config) -> list[str]:
+    """What the router's stages load: the embedding model, the router LLM."""
+    return hub_sources(config, (), llms=False) + ([config.router_llm_id] if "llm" in config.router.stages else [])
+
+
 async def cmd_route(config: Config, args: argparse.Namespace) -> int:
     config = _with_stages(await asyncio.to_thread(prepare, config), args.stages)
+    settle_offline(router_sources(config))  # offline: the LLM stage says so at once, no hub retries
     timeout = max(config.router.llm_timeout_s, ONE_SHOT_LLM_TIMEOUT_S)
     config = config.model_copy(update={"router": config.router.model_copy(update={"llm_timeout_s": timeout})})
     async with CascadeRouter(config) as router:
@@ -93,6 +100,7 @@ async def cmd_route(config: Config, args: argparse.Namespace) -> int:
 
 async def cmd_eval_router(config: Config, args: argparse.Namespace) -> int:
     config = _with_stages(await asyncio.to_thread(prepare, config), args.stages)
+    settle_offline(router_sources(config))
     model_ids = list(config.models)
     try:
         examples = await asyncio.to_thread(read_router_examples, args.file, model_ids)

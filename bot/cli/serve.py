@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TextIO
 
+from bot.cli.preflight import hub_sources, settle_offline
 from bot.cli.profile import prepare
 from bot.commands import AdminPolicy, Commands
 from bot.console import ADMINS as CONSOLE_ADMINS
@@ -92,6 +93,7 @@ class PlatformApp(Protocol):
 async def cmd_chat(config: Config, args: argparse.Namespace) -> int:
     settings = load_settings(config, os.environ)
     config = await asyncio.to_thread(prepare, config)
+    settle_offline(hub_sources(config, config.models))
     return await chat(config, settings)
 
 
@@ -126,6 +128,7 @@ async def cmd_run(config: Config, args: argparse.Namespace) -> int:
         print(NO_TOKEN, file=sys.stderr)
         return 2
     config = await asyncio.to_thread(prepare, config)
+    settle_offline(hub_sources(config, config.models))
     return await serve(config, settings)
 
 
@@ -246,6 +249,10 @@ async def cmd_sync_commands(config: Config, args: argparse.Namespace) -> int:
     except discord.HTTPException as exc:
         print(f"promptpics: Discord refused the commands: {exc.status} {exc.text}", file=sys.stderr)
         return 1
+    except (OSError, asyncio.TimeoutError) as exc:  # aiohttp's connection errors are OSErrors
+        print(f"promptpics: Discord could not be reached ({type(exc).__name__}: {getattr(exc, 'strerror', None) or exc}); "
+              "check the network and try again", file=sys.stderr)
+        return 2
     where = f"in server {args.guild}" if args.guild else "globally (Discord may take a while to show them everywhere)"
     print(f"registered {len(names)} commands {where}: {', '.join('/' + n for n in names)}")
     print(f"invite the bot: {invite_url(application_id)}")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config.base import validate_table
-from engine.config.schema import Config, RouterConfig
+from engine.config.schema import Config, RouterConfig, is_local_source
 from engine.config.schema_safety import SafetyConfig
 from engine.errors import ConfigError
 
@@ -59,6 +59,11 @@ def load_config(
         raw = tomllib.loads(file.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(file), "(unreadable)", f"the file must be valid TOML ({exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(file), "(unreadable)", f"the file must be UTF-8 text (byte {exc.start} is "
+                                                     f"{exc.object[exc.start:exc.start + 1]!r})") from None
+    except OSError as exc:
+        raise ConfigError(str(file), "(unreadable)", f"the file must be readable ({exc.strerror})") from None
     return parse_config(raw, env, base_dir=file.parent, profile=profile, source_file=file)
 
 
@@ -77,10 +82,12 @@ def parse_config(
         if not isinstance(table, Mapping):
             raise ConfigError(name, table, "it must be a table ([section])")
     tables["source_file"] = source_file
-    config = validate_table(Config, tables, "", sources=sources, context={"base_dir": base_dir})
-    if env.get("LOGO_SDXL_MODEL_ID") and "logo_sdxl" in config.models:
-        logo = config.models["logo_sdxl"].model_copy(update={"source": env["LOGO_SDXL_MODEL_ID"]})
-        config = config.model_copy(update={"models": {**config.models, "logo_sdxl": logo}})
+    try:
+        config = validate_table(Config, tables, "", sources=sources, context={"base_dir": base_dir})
+    except ConfigError as exc:
+        if exc.key != "models.logo_sdxl.source" or not env.get("LOGO_SDXL_MODEL_ID"):
+            raise
+        raise ConfigError("LOGO_SDXL_MODEL_ID", exc.value, exc.rule) from None
     check_config(config)
     return config
 
@@ -99,6 +106,13 @@ def _with_environment(raw: Mapping[str, Any], env: Mapping[str, str],
             tables[table][key] = value
             if table in ("engine", "llm"):
                 sources[f"{table}.{key}"] = variable
+    logo = tables.get("models", {}).get("logo_sdxl") if isinstance(tables.get("models"), Mapping) else None
+    if env.get("LOGO_SDXL_MODEL_ID") and isinstance(logo, Mapping):
+        # Checked like the file's own source; a folder given here is relative to where the command runs.
+        source = env["LOGO_SDXL_MODEL_ID"].strip()
+        if is_local_source(source):
+            source = str(Path(source).expanduser().resolve())
+        tables["models"] = {**tables["models"], "logo_sdxl": {**logo, "source": source}}
     if profile:
         tables.setdefault("engine", {})["profile"] = profile
         sources.pop("engine.profile", None)

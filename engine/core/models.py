@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from engine.config import Config
@@ -26,11 +27,28 @@ def describe_models(config: Config, resident: tuple[ResidentModel, ...]) -> list
     return rows
 
 
-def weights_state(source: str) -> str:
-    """'local folder', 'downloaded', 'not downloaded' or 'missing folder' - without network."""
+def weights_state(source: str, marker: str = "model_index.json") -> str:
+    """'local folder', 'downloaded', 'not downloaded' or 'missing folder' - without network.
+
+    ``marker``: the file every snapshot of that kind has (a diffusers pipeline's
+    model_index.json, a transformers model's config.json)."""
     if os.path.isabs(source):
         return "local folder" if os.path.isdir(source) else "missing folder"
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(source, "model_index.json")
+    found = try_to_load_from_cache(source, marker)
     return "downloaded" if isinstance(found, str) else "not downloaded"
+
+
+def missing_weights(config: Config, model_ids: Iterable[str]) -> dict[str, str]:
+    """``{model id: why}`` for each of ``model_ids`` whose weights are not on this machine."""
+    missing = {}
+    for model_id in model_ids:
+        spec = config.model(model_id)
+        parts = [(spec.source, "model_index.json")]
+        if spec.text_encoder_source:
+            parts.append((spec.text_encoder_source, "config.json"))
+        states = [weights_state(source, marker) for source, marker in parts]
+        if any(state in ("not downloaded", "missing folder") for state in states):
+            missing[model_id] = " and ".join(sorted({s for s in states if s.startswith(("not", "missing"))}))
+    return missing

@@ -26,6 +26,15 @@ def requested_model(request: JobRequest, config: Config) -> str | None:
     return model_id
 
 
+def check_request(request: JobRequest, config: Config) -> tuple[str, ...]:
+    """Every rule ``submit`` checks that needs no router, before any engine starts: a front end
+    refuses a bad request at once. Returns the ids of the models the request may run on."""
+    explicit = requested_model(request, config)
+    # Limits do not depend on the model: the default model's defaults stand in for the router's pick.
+    normalise(request, config.model(explicit or config.default_model), config, rng=random.Random(0))
+    return (explicit,) if explicit else tuple(config.models)
+
+
 def clean_prompt(prompt: object, limits: Limits) -> str:
     """The prompt with whitespace collapsed; refused when empty or too long."""
     return _text("prompt", prompt, limits.max_prompt_chars, required=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterable, Mapping
 from pathlib import Path
@@ -74,23 +75,29 @@ class Database:
 
     @classmethod
     def open(cls, data_dir: Path, *, db_name: str = "promptpics.sqlite3",
-             busy_timeout_s: float = 5.0) -> _Opening[Self]:
-        """Open (creating or migrating) ``data_dir/db_name``; refuse files that are not ours."""
-        return _Opening(lambda: cls._open(Path(data_dir), db_name, busy_timeout_s))
+             busy_timeout_s: float = 5.0, read_only: bool = False) -> _Opening[Self]:
+        """Open (creating or migrating) ``data_dir/db_name``; refuse files that are not ours.
+
+        ``read_only``: open with SQLite's ``mode=ro``, create and migrate nothing, so a backup
+        (a read-only file in a read-only folder) can be read; a write then fails."""
+        return _Opening(lambda: cls._open(Path(data_dir), db_name, busy_timeout_s, read_only))
 
     @classmethod
-    async def _open(cls, data_dir: Path, db_name: str, busy_timeout_s: float) -> Self:
+    async def _open(cls, data_dir: Path, db_name: str, busy_timeout_s: float, read_only: bool = False) -> Self:
         data_dir = data_dir.resolve()
         path = data_dir / db_name
         try:
-            data_dir.mkdir(parents=True, exist_ok=True)
-            db = await aiosqlite.connect(path, timeout=busy_timeout_s, isolation_level=None)
+            if read_only:
+                db = await _connect_read_only(path, busy_timeout_s)
+            else:
+                data_dir.mkdir(parents=True, exist_ok=True)
+                db = await aiosqlite.connect(path, timeout=busy_timeout_s, isolation_level=None)
         except (OSError, sqlite3.Error) as exc:
             raise HistoryError(f"The history database could not be opened ({exc}).", path=path) from exc
         store = cls(db, data_dir, path, busy_timeout_s)
         try:
             db.row_factory = sqlite3.Row
-            await store._prepare()
+            await (store._check_readable() if read_only else store._prepare())
         except BaseException:
             await db.close()
             raise
@@ -117,6 +124,13 @@ class Database:
         # 3. Forward migrations, one transaction each.
         if version < len(schema.MIGRATIONS):
             await self._migrate(version)
+
+    async def _check_readable(self) -> None:
+        version = await self._check_file()
+        if version < len(schema.MIGRATIONS):
+            raise HistoryError(f"The history database has schema version {version}, older than the version "
+                               f"{len(schema.MIGRATIONS)} this PromptPics reads; a command that writes "
+                               "(imagine, chat, run) upgrades it.", path=self._db_path)
 
     async def _check_file(self) -> int:
         try:
@@ -259,3 +273,20 @@ def _primary_code(exc: sqlite3.Error) -> int:
 
 def _is_busy(exc: sqlite3.Error) -> bool:
     return _primary_code(exc) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+async def _connect_read_only(path: Path, busy_timeout_s: float) -> aiosqlite.Connection:
+    """``mode=ro``; where SQLite cannot keep the WAL index beside a read-only file (a backup in a
+    read-only folder) the file is read as ``immutable``: nobody can write it there anyway."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no history database at {path}")
+    uri = path.as_uri() + "?mode=ro"
+    db = await aiosqlite.connect(uri, uri=True, timeout=busy_timeout_s, isolation_level=None)
+    try:
+        await (await db.execute("SELECT count(*) FROM sqlite_master")).close()
+        return db
+    except sqlite3.OperationalError:
+        await db.close()
+        if os.access(path, os.W_OK) or os.access(path.parent, os.W_OK):
+            raise
+    return await aiosqlite.connect(uri + "&immutable=1", uri=True, timeout=busy_timeout_s, isolation_level=None)
