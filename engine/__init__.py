@@ -13,7 +13,7 @@ from engine.config import (
     validate_table,
     with_tiny_models,
 )
-from engine.core import MAX_SEED, Engine, JobHandle, QueueEntry, check_request, describe_models, missing_weights, weights_state
+from engine.core import MAX_SEED, Engine, JobHandle, QueueEntry, check_request, describe_models, missing_weights, source_state
 from engine.errors import (
     ConfigError,
     DataFolderBusyError,
@@ -98,7 +98,7 @@ __all__ = [
     # what the bot shows or checks: the model table, the seed bound, the tiny profile's models
     "describe_models", "MAX_SEED", "ensure_tiny_models",
     # what a front end checks before any engine starts: the request, the weights on this machine
-    "check_request", "missing_weights", "weights_state",
+    "check_request", "missing_weights", "source_state",
     # the router on its own: `promptpics route` and `promptpics eval-router`
     "CascadeRouter", "ROUTER_STAGES", "evaluate_router", "format_router_report", "read_router_examples",
     # model weights: `promptpics download` and `promptpics doctor`

@@ -27,6 +27,8 @@ SUBCOMMANDS: dict[str, list[str]] = {
     "chat": ["chat"],
     "run": ["run"],
     "sync-commands": ["sync-commands"],
+    "download": ["download", "flux_dev"],
+    "doctor": ["doctor"],
 }
 GLOBAL = ["--config", "other.toml", "--profile", "tiny", "-v"]
 

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from engine import Config, missing_weights, weights_state
+from engine import Config, missing_weights, source_state
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def settle_offline(sources: Iterable[str], env: Mapping[str, str] | None = None)
 def _on_this_machine(source: str) -> bool:
     if source.startswith("package:") or os.path.isabs(source):
         return True  # a package's or a folder's files: the hub plays no part
-    return any(weights_state(source, marker) == "downloaded" for marker in ("config.json", "model_index.json"))
+    return any(source_state(source, marker) == "downloaded" for marker in ("config.json", "model_index.json"))
 
 
 def _hub_reachable(endpoint: str) -> bool:

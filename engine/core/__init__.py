@@ -13,7 +13,7 @@
 from engine.core.admission import Admission
 from engine.core.engine import Engine
 from engine.core.job import JobHandle
-from engine.core.models import describe_models, missing_weights, weights_state
+from engine.core.models import describe_models, missing_weights, source_state
 from engine.core.normalise import MAX_SEED, check_request, clean_prompt, normalise, requested_model
 from engine.core.plan import CostBook, QueueEntry, QueuePlan, build_plan
 from engine.core.runner import JobRunner, RunOutput, default_runner_blocking
@@ -21,5 +21,5 @@ from engine.core.runner import JobRunner, RunOutput, default_runner_blocking
 __all__ = [
     "MAX_SEED", "Admission", "CostBook", "Engine", "JobHandle", "JobRunner", "QueueEntry", "QueuePlan", "RunOutput",
     "build_plan", "check_request", "clean_prompt", "missing_weights", "default_runner_blocking", "describe_models", "normalise", "requested_model",
-    "weights_state",
+    "source_state",
 ]

@@ -20,14 +20,14 @@ def describe_models(config: Config, resident: tuple[ResidentModel, ...]) -> list
             "emoji": m.emoji, "source": m.source, "text_encoder_source": m.text_encoder_source,
             "steps": m.steps, "guidance": m.guidance, "steps_range": list(m.steps_range),
             "guidance_range": list(m.guidance_range), "offload": m.offload, "exclusive": m.exclusive,
-            "weights": weights_state(m.source),
+            "weights": source_state(m.source),
             "loaded": r is not None, "placement": r.placement if r else None,
             "memory_mb": round(r.nbytes / 2**20, 1) if r else None,
         })
     return rows
 
 
-def weights_state(source: str, marker: str = "model_index.json") -> str:
+def source_state(source: str, marker: str = "model_index.json") -> str:
     """'local folder', 'downloaded', 'not downloaded' or 'missing folder' - without network.
 
     ``marker``: the file every snapshot of that kind has (a diffusers pipeline's
@@ -48,7 +48,7 @@ def missing_weights(config: Config, model_ids: Iterable[str]) -> dict[str, str]:
         parts = [(spec.source, "model_index.json")]
         if spec.text_encoder_source:
             parts.append((spec.text_encoder_source, "config.json"))
-        states = [weights_state(source, marker) for source, marker in parts]
+        states = [source_state(source, marker) for source, marker in parts]
         if any(state in ("not downloaded", "missing folder") for state in states):
             missing[model_id] = " and ".join(sorted({s for s in states if s.startswith(("not", "missing"))}))
     return missing
