@@ -59,6 +59,9 @@ from engine.jobs import (
     Requester,
     Timings,
 )
+from engine.placement import Plan, plan_for_config
+from engine.placement.apply import explicit_keys as explicit_placement_keys
+from engine.placement.start import measure_card_blocking
 from engine.router import CascadeRouter
 from engine.router import evaluate as evaluate_router
 from engine.router import format_report as format_router_report
@@ -82,4 +85,6 @@ __all__ = [
     "describe_models", "MAX_SEED", "ensure_tiny_models",
     # the router on its own: `promptpics route` and `promptpics eval-router`
     "CascadeRouter", "ROUTER_STAGES", "evaluate_router", "format_router_report", "read_router_examples",
+    # `promptpics plan`: the placement planner for a card
+    "Plan", "explicit_placement_keys", "measure_card_blocking", "plan_for_config",
 ]

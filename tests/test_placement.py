@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from engine.config import parse_config
 from engine.placement import apply_plan, candidates, plan_for_config, plan_placements
-from tests.conftest import REPO, repo_config_raw
+from tests.conftest import REPO, promptpics, repo_config_raw
 
 FOUR = {"flux_dev": "flux", "realvis_xl": "sdxl", "sd3_medium": "sd3", "logo_sdxl": "hidream"}
 CARDS = (12, 16, 24, 32, 48, 80, 141)
@@ -68,3 +71,17 @@ def test_the_json_shape_is_the_documented_one() -> None:
     assert set(flux) >= {"denoiser", "text_encoders", "offload", "gb"}
     assert set(flux["text_encoders"]) == {"text_encoder", "text_encoder_2"}
     assert all(isinstance(g, list) for g in out["resident_together"])
+
+
+def test_promptpics_plan_prints_the_json_plan_for_a_card(tmp_path: Path) -> None:
+    env = {**os.environ, "PROMPTPICS_DATA_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    done = promptpics(env, "plan", "--gpu-gb", "24", "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["gpu_gb"] == 24 and set(out["models"]) == set(FOUR)
+    assert all(m["offload"] != "sequential" for m in out["models"].values())
+    assert "Failed to load" not in done.stderr and "torchao" not in done.stderr  # planning imports no torchao
+    text = promptpics(env, "plan", "--gpu-gb", "12")
+    assert text.returncode == 0 and "flux_dev" in text.stdout and "nf4" in text.stdout
+    bad = promptpics(env, "plan", "--gpu-gb", "2")
+    assert bad.returncode != 0 and "--gpu-gb" in bad.stderr and "reserve_gb" in bad.stderr

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bot.cli.jobs import add_job_commands
+from bot.cli.plan import add_plan_command
 from bot.cli.router import add_router_commands
 from bot.cli.serve import add_bot_commands
 from engine import EngineError, load_config
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_job_commands(commands)
     add_bot_commands(commands)
     add_router_commands(commands)
+    add_plan_command(commands)
     for subcommand in commands.choices.values():  # every one, those added later included
         add_global_options(subcommand, in_subcommand=True)
     return parser
