@@ -60,6 +60,9 @@ from engine.jobs import (
     Timings,
 )
 from engine.probes import TorchFacts, embedding_model_state, nudenet_state, torch_facts_blocking
+from engine.placement import Plan, plan_for_config
+from engine.placement.apply import explicit_keys as explicit_placement_keys
+from engine.placement.start import measure_card_blocking
 from engine.router import CascadeRouter
 from engine.router import evaluate as evaluate_router
 from engine.router import format_report as format_router_report
@@ -106,4 +109,6 @@ __all__ = [
     "human_bytes", "llm_targets", "plan_download", "weight_targets", "weights_state",
     # what this machine offers: `promptpics doctor`
     "TorchFacts", "embedding_model_state", "nudenet_state", "torch_facts_blocking",
+    # `promptpics plan`: the placement planner for a card
+    "Plan", "explicit_placement_keys", "measure_card_blocking", "plan_for_config",
 ]

@@ -28,12 +28,12 @@ SMALLEST: dict[str, list[str]] = {
     "router_fit.py": ["--precision", "0.5"],
     "router_gpu_check.py": ["cpu"],
     "safety_detectors.py": ["--runs", "1"],
-    "scheduler.py": ["--jobs", "20", "--users", "3"],
+    "scheduler.py": ["--jobs", "20", "--users", "3", "--gpu-gb", "24", "--placement", "auto"],
 }
 # Run elsewhere with its smallest arguments: tests/test_engine_load.py checks every key it reports.
 RUN_ELSEWHERE = {"load.py"}
 # CUDA only (they exit with a readable line on a machine without it): --help and imports here.
-CUDA_ONLY = {"gpu_check.py", "residency_gpu.py", "safety_gpu_check.py"}
+CUDA_ONLY = {"gpu_check.py", "quant_gpu.py", "residency_gpu.py", "safety_gpu_check.py"}
 
 
 def run(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

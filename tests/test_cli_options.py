@@ -29,6 +29,7 @@ SUBCOMMANDS: dict[str, list[str]] = {
     "sync-commands": ["sync-commands"],
     "download": ["download", "flux_dev"],
     "doctor": ["doctor"],
+    "plan": ["plan", "--gpu-gb", "24"],
 }
 GLOBAL = ["--config", "other.toml", "--profile", "tiny", "-v"]
 

@@ -78,6 +78,15 @@ def test_invalid_toml_is_reported_with_the_file(tmp_path: Path) -> None:
         (lambda r: r["models"]["logo_sdxl"].pop("text_encoder_source"), "models.logo_sdxl.text_encoder_source", "None", "Llama"),
         (lambda r: r["models"]["realvis_xl"].update(emoji="🎨"), "models.*.emoji", "", "its own reaction emoji"),
         (lambda r: r["models"]["realvis_xl"].update(exclusive="yes"), "models.realvis_xl.exclusive", "'yes'", "true or false"),
+        (lambda r: r["engine"].update(placement="magic"), "engine.placement", "'magic'", "'manual', 'auto'"),
+        (lambda r: r["models"]["flux_dev"].update(quant={"denoiser": "int4"}), "models.flux_dev.quant.denoiser", "'int4'",
+         "'bf16', 'fp8', 'int8', 'nf4'"),
+        (lambda r: r["models"]["flux_dev"].update(quant={"text_encoders": {"text_encoder_3": "int8"}}),
+         "models.flux_dev.quant.text_encoders.text_encoder_3", "'text_encoder_3'", "text_encoder, text_encoder_2"),
+        (lambda r: r["models"]["flux_dev"].update(quant={"vae": "int8"}), "models.flux_dev.quant.vae", "'int8'",
+         "not a known key"),
+        (lambda r: r["models"]["sd3_medium"].update(compile="regional"), "models.sd3_medium.compile", "'regional'",
+         "repeated blocks"),
     ],
 )
 def test_bad_config_names_key_value_and_rule(mutate: Any, key: str, value: str, rule: str) -> None:
@@ -88,6 +97,18 @@ def test_bad_config_names_key_value_and_rule(mutate: Any, key: str, value: str, 
     message = info.value.user_message
     assert message.startswith(f"config: `{key}` is ")
     assert value in message and rule in message
+
+
+def test_quantisation_and_compile_are_read_per_model() -> None:
+    raw = repo_config_raw()
+    raw["engine"]["placement"] = "auto"
+    raw["models"]["logo_sdxl"]["quant"] = {"denoiser": "int8", "text_encoders": {"text_encoder_4": "nf4"}}
+    raw["models"]["flux_dev"]["compile"] = "regional"
+    config = parse(raw)
+    hidream = config.model("logo_sdxl")
+    assert config.placement == "auto" and config.model("flux_dev").compile == "regional"
+    assert hidream.quant.of("transformer", "hidream") == "int8" and hidream.quant.of("text_encoder_4", "hidream") == "nf4"
+    assert hidream.quant.of("vae", "hidream") == "bf16" and config.model("realvis_xl").quant.quantised is False
 
 
 def test_bad_environment_value_names_the_variable() -> None:

@@ -6,6 +6,7 @@ config, builds and passes in.
 - router.py: route and eval-router (the router on its own)
 - download.py: download (the models' weights from the hub)
 - doctor.py, platform_checks.py: doctor (what will and won't work, and why)
+- plan.py: plan (the placement planner for a card)
 - profile.py: the tiny profile's models, built once before any of them runs
 - preflight.py: what is checked before any engine starts (data folder, --out, hub, weights, stdout)
 """
@@ -26,6 +27,7 @@ from typing import Any
 from bot.cli.doctor import add_doctor_command
 from bot.cli.download import add_download_command
 from bot.cli.jobs import STDOUT_CLOSED, add_job_commands
+from bot.cli.plan import add_plan_command
 from bot.cli.preflight import Refused, check_data_dir
 from bot.cli.router import add_router_commands
 from bot.cli.serve import add_bot_commands
@@ -35,7 +37,7 @@ from engine import EngineError, load_config
 log = logging.getLogger("promptpics")
 HISTORY_ONLY = frozenset({"history", "show", "stats"})  # read the history only: a read-only folder will do
 READ_ONLY = HISTORY_ONLY | {"sync-commands", "route", "eval-router", "models"}  # and these, but for the tiny profile
-REPORTS_ON_DATA_DIR = frozenset({"doctor", "download"})  # say what is wrong with the folder themselves, or never use it
+REPORTS_ON_DATA_DIR = frozenset({"doctor", "download", "plan"})  # say what is wrong with the folder themselves, or never use it
 
 
 def add_global_options(parser: argparse.ArgumentParser, *, in_subcommand: bool) -> None:
@@ -75,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_router_commands(commands)
     add_download_command(commands)
     add_doctor_command(commands)
+    add_plan_command(commands)
     for subcommand in commands.choices.values():  # every one, those added later included
         add_global_options(subcommand, in_subcommand=True)
     return parser

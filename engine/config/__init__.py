@@ -3,6 +3,7 @@
     base.py           SettingsModel (frozen, no unknown keys), validate_table and the one
                       translation from pydantic's errors to ConfigError(key, value, rule)
     schema.py         Config, ModelSpec, Limits and every *Settings class, with the defaults
+    schema_placement.py  QuantSettings ([models.<id>.quant]), each family's component names
     schema_safety.py  SafetyConfig ([safety] and its sub-tables) and the default term lists
     load.py           find_config_file, load_config, parse_config: toml + env -> Config, and
                       the rules that span tables
@@ -35,6 +36,7 @@ from engine.config.schema import (
     RuleSpec,
     SchedulerSettings,
 )
+from engine.config.schema_placement import DENOISER, PLACEMENTS, QUANTS, TEXT_ENCODERS, QuantSettings
 from engine.config.schema_safety import (
     DEFAULT_BLOCKED_TERMS,
     DEFAULT_DRUG_TERMS,
@@ -46,6 +48,7 @@ from engine.config.schema_safety import (
 )
 
 __all__ = [
+    "DENOISER", "PLACEMENTS", "QUANTS", "TEXT_ENCODERS", "QuantSettings",
     "CONFIG_ENV", "DEFAULT_BLOCKED_TERMS", "DEFAULT_DRUG_TERMS", "DEFAULT_EMBEDDING_MODEL", "DEFAULT_LLM_ID",
     "DEFAULT_MINOR_TERMS", "DEFAULT_NUDENET_THRESHOLDS", "DEFAULT_REPLACEMENTS", "FAMILIES", "HIDDEN",
     "NUDENET_CLASSES", "POLICIES", "PROFILES", "STAGES", "Config", "HistorySettings", "Limits", "ModelSpec",

@@ -19,6 +19,7 @@ from pydantic import ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from engine.config.base import SettingsModel, Text, broken
+from engine.config.schema_placement import REGIONAL_COMPILE_FAMILIES, TEXT_ENCODERS, QuantSettings
 from engine.config.schema_safety import SafetyConfig
 
 STAGES = ("rules", "embeddings", "llm")
@@ -104,6 +105,8 @@ class ModelSpec(SettingsModel):
     offload: Literal["none", "model", "sequential"] = "none"
     exclusive: StrictBool = False
     text_encoder_source: Text | None = None  # HiDream: the Llama text encoder, loaded apart
+    quant: QuantSettings = Field(default_factory=QuantSettings)  # [models.<id>.quant]
+    compile: Literal["off", "regional"] = "off"  # "regional": torch.compile of the repeated blocks at load
 
     @model_validator(mode="before")
     @classmethod
@@ -128,6 +131,18 @@ class ModelSpec(SettingsModel):
         if self.family == "hidream" and not self.text_encoder_source:
             raise broken("a hidream model needs its Llama text encoder (a hub id or folder)", None,
                          at=".text_encoder_source")
+        return self
+
+    @model_validator(mode="after")
+    def _parts_of_this_family(self) -> ModelSpec:
+        known = TEXT_ENCODERS[self.family]
+        for name in self.quant.text_encoders:
+            if name not in known:
+                raise broken(f"a {self.family} pipeline's text encoders are {', '.join(known)}", name,
+                             at=f".quant.text_encoders.{name}")
+        if self.compile == "regional" and self.family not in REGIONAL_COMPILE_FAMILIES:
+            raise broken(f"regional compilation needs repeated blocks, which diffusers declares only for "
+                         f"{', '.join(REGIONAL_COMPILE_FAMILIES)} (use \"off\")", self.compile, at=".compile")
         return self
 
 
@@ -297,6 +312,7 @@ class Config(SettingsModel):
     profile: Literal["real", "tiny"] = Field("real", alias="engine.profile")
     device: Annotated[StrictStr, AfterValidator(_device)] = Field("auto", alias="engine.device")
     cuda_dtype: Literal["bfloat16", "float16"] = Field("bfloat16", alias="engine.cuda_dtype")
+    placement: Literal["manual", "auto"] = Field("manual", alias="engine.placement")  # "auto": engine/placement/
     data_dir: Path = Field(Path("data"), alias="engine.data_dir", validate_default=True)
     default_model: Text = Field("flux_dev", alias="engine.default_model")
     default_steps: StrictInt = Field(24, alias="engine.default_steps")

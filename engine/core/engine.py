@@ -30,6 +30,7 @@ from engine.history import DataFolderLock, HistoryStore, StoredJob
 from engine.jobs import EngineEvent, GenerationParams, JobCancelled, JobFailed, JobQueued, JobRequest, JobStatus
 from engine.llm import ChatLLM, LLMCache
 from engine.pipelines import configure_torch_blocking, resolve_device_blocking, resolve_dtype
+from engine.placement.start import auto_placement_blocking
 from engine.residency import ResidencyStatus, ResidentModel
 from engine.router import Router, build_router, explicit_choice
 from engine.scheduler import RoundRobin, make_scheduler
@@ -118,6 +119,8 @@ class Engine(Dispatcher):
         device = resolve_device_blocking(self.config.device)
         configure_torch_blocking(device)
         self.device = device
+        # runs before the dispatcher starts: nothing reads the config concurrently yet
+        self.config = auto_placement_blocking(self.config, device)
         return self._runner_factory(self.config, device, resolve_dtype(device, self.config.cuda_dtype))
 
     def _llm_cache_blocking(self) -> LLMCache:

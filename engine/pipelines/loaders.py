@@ -17,6 +17,14 @@ from typing import Any
 
 from engine.config import ModelSpec
 from engine.pipelines.errors import translate_error
+from engine.pipelines.quantise import (
+    apart_quantisation,
+    check_quantisation,
+    compile_regional_blocking,
+    pipeline_quantisation,
+    quantised_parts,
+)
+from engine.pipelines.sizes import pipeline_nbytes
 from engine.safety.prevention import guard_vae_decode_blocking
 from engine.workers import MODEL_LOADING
 
@@ -81,12 +89,15 @@ def configure_torch_blocking(device: Any) -> None:
 
 
 def load_pipeline_blocking(spec: ModelSpec, device: Any, dtype: Any) -> LoadedPipeline:
-    """Load ``spec`` with its family's loader and place it; never leaves half a model behind."""
+    """Load ``spec`` with its family's loader (quantised as its config says) and place it;
+    never leaves half a model behind."""
     started = time.perf_counter()
+    check_quantisation(spec, device)  # a config error: refused before anything loads
     pipe = None
     try:
         with MODEL_LOADING:
             pipe = _LOADERS[spec.family](spec, dtype)
+        compile_regional_blocking(pipe, spec)
         # float16: the VAE decodes in float32 (else SDXL's overflows to a black image); any
         # dtype: NaN/Inf pixels raise NonFiniteError, which the safety policy retries.
         guard_vae_decode_blocking(pipe, spec.id, dtype)
@@ -96,7 +107,9 @@ def load_pipeline_blocking(spec: ModelSpec, device: Any, dtype: Any) -> LoadedPi
         free_memory_blocking(device)
         raise translate_error(exc, spec.id, "loading") from exc
     loaded = LoadedPipeline(spec, pipe, device, dtype, placement, pipeline_nbytes(pipe), time.perf_counter() - started)
-    log.info("loaded %s (%s, %.0f MB, %s) in %.2f s", spec.id, spec.family, loaded.nbytes / 2**20, placement, loaded.load_s)
+    quant = ", ".join(f"{n} {q}" for n, q in quantised_parts(spec).items()) or "bf16"
+    log.info("loaded %s (%s, %s, %.0f MB, %s) in %.2f s", spec.id, spec.family, quant, loaded.nbytes / 2**20,
+             placement, loaded.load_s)
     return loaded
 
 
@@ -105,22 +118,29 @@ def _hub_kwargs(source: str) -> dict[str, Any]:
     return {"local_files_only": True} if os.path.isdir(source) else {}
 
 
+def _pipeline_kwargs(spec: ModelSpec, dtype: Any) -> dict[str, Any]:
+    """``from_pretrained`` arguments: dtype, hub rule, and diffusers' quantisation config if any."""
+    quantisation = pipeline_quantisation(spec, dtype)
+    extra = {"quantization_config": quantisation} if quantisation is not None else {}
+    return {"dtype": dtype, **_hub_kwargs(spec.source), **extra}
+
+
 def _load_flux(spec: ModelSpec, dtype: Any) -> Any:
     from diffusers import FluxPipeline
 
-    return FluxPipeline.from_pretrained(spec.source, dtype=dtype, **_hub_kwargs(spec.source))
+    return FluxPipeline.from_pretrained(spec.source, **_pipeline_kwargs(spec, dtype))
 
 
 def _load_sdxl(spec: ModelSpec, dtype: Any) -> Any:
     from diffusers import StableDiffusionXLPipeline
 
-    return StableDiffusionXLPipeline.from_pretrained(spec.source, dtype=dtype, **_hub_kwargs(spec.source))
+    return StableDiffusionXLPipeline.from_pretrained(spec.source, **_pipeline_kwargs(spec, dtype))
 
 
 def _load_sd3(spec: ModelSpec, dtype: Any) -> Any:
     from diffusers import StableDiffusion3Pipeline
 
-    return StableDiffusion3Pipeline.from_pretrained(spec.source, dtype=dtype, **_hub_kwargs(spec.source))
+    return StableDiffusion3Pipeline.from_pretrained(spec.source, **_pipeline_kwargs(spec, dtype))
 
 
 def _load_hidream(spec: ModelSpec, dtype: Any) -> Any:
@@ -132,11 +152,14 @@ def _load_hidream(spec: ModelSpec, dtype: Any) -> Any:
     assert spec.text_encoder_source is not None  # config validation guarantees it
     te_kwargs = _hub_kwargs(spec.text_encoder_source)
     tokenizer_4 = AutoTokenizer.from_pretrained(spec.text_encoder_source, **te_kwargs)
+    apart = apart_quantisation(spec, dtype)
+    if apart is not None:
+        te_kwargs = {**te_kwargs, "quantization_config": apart}
     text_encoder_4 = LlamaForCausalLM.from_pretrained(
         spec.text_encoder_source, output_hidden_states=True, output_attentions=True, dtype=dtype, **te_kwargs
     )
     return HiDreamImagePipeline.from_pretrained(
-        spec.source, tokenizer_4=tokenizer_4, text_encoder_4=text_encoder_4, dtype=dtype, **_hub_kwargs(spec.source)
+        spec.source, tokenizer_4=tokenizer_4, text_encoder_4=text_encoder_4, **_pipeline_kwargs(spec, dtype)
     )
 
 
@@ -171,18 +194,6 @@ def _place_blocking(pipe: Any, spec: ModelSpec, device: Any) -> str:
         return "model-offload"
     pipe.to(device)
     return "gpu"
-
-
-def pipeline_nbytes(pipe: Any) -> int:
-    """Bytes of every parameter and buffer of every torch module in the pipeline."""
-    import torch
-
-    total = 0
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            total += sum(t.numel() * t.element_size() for t in component.parameters())
-            total += sum(t.numel() * t.element_size() for t in component.buffers())
-    return total
 
 
 def release_blocking(loaded: LoadedPipeline) -> None:

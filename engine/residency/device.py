@@ -46,6 +46,14 @@ class TorchOps:
             return
         import torch
 
+        from engine.pipelines import is_quantised
+
+        if any(is_quantised(m) for m in _modules(loaded.pipe)):
+            # a quantised weight is a tensor subclass: a copy into a plain buffer would dequantise
+            # it, so it moves as itself (pageable memory, slower, the quantisation kept)
+            loaded.pipe.to("cpu")
+            return
+
         copy = self._host.setdefault(id(loaded), _PinnedCopy())
         try:
             moves = [(t, copy.buffer_for(key, t).copy_(t.detach(), non_blocking=True))
@@ -109,7 +117,8 @@ class TorchOps:
         free_memory_blocking(self._device)
 
     def expected_bytes(self, spec: ModelSpec, dtype: Any) -> int | None:
-        """From the weight files' headers (nothing is loaded), in the dtype the load will use."""
+        """From the weight files' headers (nothing is loaded), in the dtype the load will use,
+        each component at its configured quantisation."""
         import torch
 
         size = torch.empty((), dtype=dtype).element_size()
@@ -118,7 +127,10 @@ class TorchOps:
             folder = _local_snapshot(source)
             if folder is None:
                 return None
-            parts += weights_nbytes(folder, size).values()
+            found = weights_nbytes(folder, size)
+            if source == spec.text_encoder_source:  # HiDream's Llama: one folder, text_encoder_4
+                found = {"text_encoder_4": sum(found.values())}
+            parts += _quantised(spec, found, size).values()
         if self._device.type != "cuda" or spec.offload == "none":
             return sum(parts)
         return 0 if spec.offload == "sequential" else max(parts, default=0)
@@ -190,11 +202,21 @@ def _modules(pipe: Any) -> list[Any]:
 
 
 def _module_nbytes(module: Any) -> int:
-    tensors = [*module.parameters(), *module.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    from engine.pipelines import module_nbytes
+
+    return module_nbytes(module)
 
 
 # -- size estimates from weight files --------------------------------------------------------
+
+
+def _quantised(spec: ModelSpec, parts: dict[str, int], element_size: int) -> dict[str, int]:
+    """Each component's estimate at its configured quantisation (engine/placement's byte ratios:
+    8-bit ~ half of bf16, nf4 ~ a quarter, plus scales and the layers left unquantised)."""
+    from engine.placement import bytes_per_param
+
+    return {name: int(n * min(1.0, bytes_per_param(spec.quant.of(name, spec.family)) / element_size))
+            if spec.quant.of(name, spec.family) != "bf16" else n for name, n in parts.items()}
 
 _INT_SIZES = {"I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 

@@ -1,0 +1,151 @@
+"""The placement planner: for one card, each model's quantisation and offload, least lossy
+first, keeping as many models resident together as 8-bit weights allow. Pure; no torch.
+
+Preference order (a placement's ``loss``; lower is better, documented in docs/CONFIG.md):
+
+    every part bf16, resident                                     0
+    + a large text encoder (T5-XXL, Llama) 8-bit, each             +1
+    + the denoiser 8-bit (fp8 on Ada/Hopper, else int8)            +3
+    model CPU offload (one component on the card at a time)        +10
+    a large text encoder nf4, each                                 +20
+    the denoiser nf4                                               +30
+    sequential CPU offload (one layer at a time: minutes an image) 100
+
+So 8-bit resident beats model offload, which beats nf4, which beats sequential offload. HiDream's
+Llama text encoder (16 GB in bf16, the largest of any text encoder) is a part of its own: it
+may be 8-bit or nf4 while HiDream's T5 stays bf16, and under model offload it is on the card
+only while it encodes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.placement.catalogue import COMPONENTS_GB, LARGE_TEXT_ENCODER_GB, quantised_gb
+
+GIB_IN_GB = 2**30 / 1e9
+DENOISER = {"flux": "transformer", "sdxl": "unet", "sd3": "transformer", "hidream": "transformer"}
+_TE_LOSS = {"bf16": 0, "8bit": 1, "nf4": 20}
+_DENOISER_LOSS = {"bf16": 0, "8bit": 3, "nf4": 30}
+OFFLOAD_LOSS, SEQUENTIAL_LOSS = 10, 100
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """One model on one card."""
+
+    model_id: str
+    family: str
+    denoiser: str  # "bf16", "fp8", "int8" or "nf4"
+    text_encoders: Mapping[str, str]  # every text encoder by component name
+    offload: str  # "none", "model" or "sequential"
+    gb: float  # held on the card while ready (model offload: its largest component; sequential: 0)
+    total_gb: float  # every weight, wherever it sits
+    loss: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"denoiser": self.denoiser, "text_encoders": dict(self.text_encoders), "offload": self.offload,
+                "gb": round(self.gb, 2), "total_gb": round(self.total_gb, 2), "loss": self.loss}
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    gpu_gb: float  # GiB, as the card is sold
+    reserve_gb: float  # GiB kept free for activations and the VAE decode
+    ram_gb: float
+    fp8: bool  # the card runs float8 matmuls (Ada, Hopper)
+    models: Mapping[str, Placement]
+    resident_together: Sequence[Sequence[str]] = field(default_factory=tuple)
+
+    @property
+    def budget_gb(self) -> float:
+        """What the models may hold, in decimal GB (the unit of the size figures)."""
+        return max(0.0, (self.gpu_gb - self.reserve_gb) * GIB_IN_GB)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"gpu_gb": self.gpu_gb, "reserve_gb": self.reserve_gb, "ram_gb": self.ram_gb, "fp8": self.fp8,
+                "budget_gb": round(self.budget_gb, 2),
+                "models": {mid: p.to_json() for mid, p in self.models.items()},
+                "resident_together": [list(g) for g in self.resident_together]}
+
+
+def candidates(model_id: str, family: str, *, fp8: bool = False) -> list[Placement]:
+    """Every placement of one model, least lossy first (ties: the smaller on the card)."""
+    parts = COMPONENTS_GB[family]
+    eight = "fp8" if fp8 else "int8"
+    large = [n for n, gb in parts.items() if n.startswith("text_encoder") and gb >= LARGE_TEXT_ENCODER_GB]
+    out = []
+    for d_level in ("bf16", "8bit", "nf4"):
+        for te_levels in itertools.product(("bf16", "8bit", "nf4"), repeat=len(large)):
+            quant = {DENOISER[family]: d_level, **dict(zip(large, te_levels))}
+            quant = {n: eight if q == "8bit" else q for n, q in quant.items()}
+            sizes = {n: quantised_gb(gb, quant.get(n, "bf16")) for n, gb in parts.items()}
+            loss = _DENOISER_LOSS[d_level] + sum(_TE_LOSS[t] for t in te_levels)
+            tes = {n: quant.get(n, "bf16") for n in parts if n.startswith("text_encoder")}
+            denoiser = quant[DENOISER[family]]
+            total = sum(sizes.values())
+            out.append(Placement(model_id, family, denoiser, tes, "none", total, total, loss))
+            out.append(Placement(model_id, family, denoiser, tes, "model", max(sizes.values()), total,
+                                 loss + OFFLOAD_LOSS))
+    bf16_total = sum(parts.values())
+    out.append(Placement(model_id, family, "bf16", {n: "bf16" for n in parts if n.startswith("text_encoder")},
+                         "sequential", 0.0, bf16_total, SEQUENTIAL_LOSS))
+    return sorted(out, key=lambda p: (p.loss, p.gb))
+
+
+def plan_placements(models: Mapping[str, str], gpu_gb: float, *, reserve_gb: float = 3.0, ram_gb: float = 0.0,
+                    fp8: bool = False, exclusive: Collection[str] = ()) -> Plan:
+    """``models``: id -> family. Each model alone gets its least lossy placement that fits the
+    budget; then the largest group of models that fit together with 8-bit weights at most
+    (resident, no offload, no nf4) is made resident together, at the least total loss.
+    ``exclusive`` models run alone (``exclusive = true``): never part of a group."""
+    budget = Plan(gpu_gb, reserve_gb, ram_gb, fp8, {}).budget_gb
+    options = {mid: candidates(mid, fam, fp8=fp8) for mid, fam in models.items()}
+    chosen = {mid: next(p for p in opts if p.gb <= budget) for mid, opts in options.items()}
+    # A RAM tier that holds every model turns a swap into a copy of seconds: then no model is
+    # quantised further only to share the card.
+    ram_holds_all = ram_gb * GIB_IN_GB >= sum(p.total_gb for p in chosen.values())
+    max_loss = 0 if ram_holds_all else 3 + len(COMPONENTS_GB["hidream"])  # 8-bit parts only
+    group = _best_group({m: o for m, o in options.items() if m not in exclusive}, budget, max_loss)
+    chosen.update({p.model_id: p for p in group})
+    groups = _groups([p.model_id for p in group], chosen, budget, exclusive)
+    return Plan(gpu_gb, reserve_gb, ram_gb, fp8, chosen, groups)
+
+
+def _best_group(options: Mapping[str, list[Placement]], budget: float, max_loss: int) -> list[Placement]:
+    """The most models resident together (then the least loss), each at most 8-bit."""
+    sharing = {mid: [p for p in opts if p.offload == "none" and p.loss <= max_loss and p.gb <= budget]
+               for mid, opts in options.items()}
+    ids = [mid for mid, opts in sharing.items() if opts]
+    for size in range(len(ids), 1, -1):
+        best: tuple[int, float, tuple[Placement, ...]] | None = None
+        for subset in itertools.combinations(ids, size):
+            for combo in itertools.product(*(sharing[mid] for mid in subset)):
+                gb = sum(p.gb for p in combo)
+                if gb <= budget:
+                    key = (sum(p.loss for p in combo), gb, combo)
+                    if best is None or key[:2] < best[:2]:
+                        best = key
+        if best is not None:
+            return list(best[2])
+    return []
+
+
+def _groups(first: list[str], chosen: Mapping[str, Placement], budget: float,
+            exclusive: Collection[str]) -> list[list[str]]:
+    """The group made resident together, then the other models packed first-fit (sequential
+    offload holds nothing: it is never resident)."""
+    groups = [first] if first else []
+    for mid, p in chosen.items():
+        if mid in first or p.offload == "sequential":
+            continue
+        for g in groups[1:] if mid not in exclusive else ():
+            if sum(chosen[m].gb for m in g) + p.gb <= budget:
+                g.append(mid)
+                break
+        else:
+            groups.append([mid])
+    return groups
