@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, list[str]] = {
     "chat": ["chat"],
     "run": ["run"],
     "sync-commands": ["sync-commands"],
+    "web": ["web", "--port", "0"],
 }
 GLOBAL = ["--config", "other.toml", "--profile", "tiny", "-v"]
 

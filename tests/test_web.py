@@ -3,16 +3,25 @@ admin by token (session or bearer), members by signed link, NSFW never outside a
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
-from bot.commands import parse_imagine_text
-from engine import ConfigError, Gallery, GalleryQuery, thumbnail_path
+from bot.cli.webui import gallery_links
+from bot.commands import Actor, Commands, Reply, parse_imagine_text
+from bot.settings import BotSettings
+from engine import ConfigError, Engine, Gallery, GalleryQuery, Origin, thumbnail_path
 from engine.history import SCHEMA_VERSION
+from tests.conftest import REPO
 from tests.webkit import ALICE, BOB, KEY, TOKEN, Site, add_job, plain_config, site
 from web.links import LinkError, gallery_url, load_secret, sign_link, verify_link
 from web.settings import load_web_settings
@@ -296,3 +305,48 @@ def test_a_version_4_history_gains_the_search_index_with_its_old_jobs(tmp_path: 
         assert re.findall(r'data-job="([^"]+)"', answer.text) == ["old1"]
     con = sqlite3.connect(data / "promptpics.sqlite3")
     assert con.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+
+
+# -- /gallery in the bot, and `promptpics web` --------------------------------------------------------
+
+
+async def _gallery_reply(config: Any, actor: Actor) -> Reply:
+    commands = Commands(Engine(config), BotSettings(), {}, gallery_links=gallery_links(config))
+    outcome = await commands.run_line(actor, "/gallery", Origin("discord", "c1"))
+    assert isinstance(outcome, Reply)
+    return outcome
+
+
+def test_the_gallery_command_hands_out_a_link_the_site_honours(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    config = plain_config(data, {"public_url": "https://pics.example", "link_ttl_days": 2.0})
+    reply = asyncio.run(_gallery_reply(config, Actor(*ALICE)))
+    assert reply.ok and "only your images" in reply.text
+    url = re.search(r"https://pics\.example(/g/\S+)", reply.text)
+    assert url
+    with site(data, key=None) as s:  # the key the bot made in the data folder
+        s.run(add_job, s.history, "alice's own picture", ALICE)
+        s.run(add_job, s.history, "bob's own picture", BOB)
+        page = s.client.get(url[1])
+        assert page.status_code == 200
+        assert "alice&#39;s own picture" in page.text and "bob&#39;s own picture" not in page.text
+    plain = Commands(Engine(config), BotSettings(), {})
+    off = asyncio.run(plain.run_line(Actor(*ALICE), "/gallery", Origin()))
+    assert isinstance(off, Reply) and not off.ok
+
+
+def test_promptpics_web_serves_the_gallery_on_localhost(cli_env: dict[str, str]) -> None:
+    env = {**cli_env, "PROMPTPICS_WEB_TOKEN": TOKEN}
+    proc = subprocess.Popen([sys.executable, "-m", "bot", "--profile", "tiny", "web", "--port", "0"], cwd=REPO, env=env,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()  # the first line says where it listens
+        url = re.search(r"http://127\.0\.0\.1:\d+/", line)
+        assert url, line
+        assert httpx.get(url[0], timeout=10).status_code == 403
+        answer = httpx.get(url[0], headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+        assert answer.status_code == 200 and "Search prompts" in answer.text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0

@@ -127,3 +127,21 @@ async def test_admin_actions_reach_the_engine(served: tuple[Engine, httpx.AsyncC
     assert bad.status_code == 400 and "no_such_model" in bad.text
     assert (await client.post("/actions/explode", data={"target": "x"}, headers=BEARER)).status_code == 400
     assert (await client.post("/actions/cancel", data={"target": model})).status_code == 403
+
+
+async def test_promptpics_run_serves_the_dashboard_from_its_own_engine_when_enabled(
+        tiny_models: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bot.cli.webui import web_beside
+
+    monkeypatch.setenv("PROMPTPICS_WEB_TOKEN", TOKEN)
+    config = make_tiny_config(tiny_models, tmp_path / "data")
+    off = config.model_copy(update={"platform_tables": {"web": {"enabled": False}}})
+    on = config.model_copy(update={"platform_tables": {"web": {"enabled": True, "port": 0}}})
+    async with Engine(config) as engine:
+        async with web_beside(off, engine) as nothing:
+            assert nothing is None
+        async with web_beside(on, engine) as server:
+            assert server is not None
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
+                page = await client.get("/queue", headers=BEARER)
+        assert page.status_code == 200 and "/queue/events" in page.text  # the live queue: this engine's

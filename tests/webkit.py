@@ -82,13 +82,13 @@ class Site:
 
 @contextlib.contextmanager
 def site(data_dir: Path, *, token: str | None = TOKEN, engine: Any = None,
-         web: dict[str, Any] | None = None) -> Iterator[Site]:
+         web: dict[str, Any] | None = None, key: bytes | None = KEY) -> Iterator[Site]:
     config = plain_config(data_dir, web)
     settings = load_web_settings(config, {"PROMPTPICS_WEB_TOKEN": token} if token else {})
     with anyio.from_thread.start_blocking_portal() as portal:
         history = portal.call(_open, data_dir)
         try:
-            client = TestClient(build_app(config, settings, history, engine, key=KEY), follow_redirects=False)
+            client = TestClient(build_app(config, settings, history, engine, key=key), follow_redirects=False)
             client.portal = portal  # every request on the history's loop
             yield Site(client, history, portal, settings)
         finally:

@@ -5,6 +5,7 @@ config, builds and passes in.
 - serve.py: chat (the terminal) and run (every chat platform whose token is set), sync-commands
 - router.py: route and eval-router (the router on its own)
 - profile.py: the tiny profile's models, built once before any of them runs
+- webui.py: web (the gallery and dashboard on their own), and the same app inside run
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 from bot.cli.jobs import add_job_commands
 from bot.cli.router import add_router_commands
 from bot.cli.serve import add_bot_commands
+from bot.cli.webui import add_web_command
 from engine import EngineError, load_config
 
 log = logging.getLogger("promptpics")
@@ -47,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_job_commands(commands)
     add_bot_commands(commands)
     add_router_commands(commands)
+    add_web_command(commands)
     for subcommand in commands.choices.values():  # every one, those added later included
         add_global_options(subcommand, in_subcommand=True)
     return parser
