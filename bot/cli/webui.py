@@ -31,9 +31,17 @@ def add_web_command(subparsers: Any) -> None:
     web.set_defaults(run=cmd_web)
 
 
+NOT_INSTALLED = ("promptpics: the web gallery needs its extra packages (starlette, uvicorn, ...): "
+                 "pip install -e \".[web]\" (docs/WEB.md). Missing: {}")
+
+
 async def cmd_web(config: Config, args: argparse.Namespace) -> int:
-    from web.app import build_app
-    from web.server import WebServer
+    try:
+        from web.app import build_app
+        from web.server import WebServer
+    except ImportError as exc:
+        print(NOT_INSTALLED.format(exc.name), file=sys.stderr)
+        return 2
     from web.settings import load_web_settings
 
     settings = load_web_settings(config, os.environ)
