@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from engine import Engine, JobRequest, Requester
 from tests.conftest import make_tiny_config
-from tests.webkit import KEY, TOKEN
+from tests.webkit import KEY, TOKEN, with_every_preview
 from web.app import build_app
 from web.server import WebServer
 from web.settings import load_web_settings
@@ -43,7 +43,7 @@ def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 
 @pytest.fixture
 async def served(tiny_models: Any, tmp_path: Path) -> AsyncIterator[tuple[Engine, httpx.AsyncClient]]:
-    config = make_tiny_config(tiny_models, tmp_path / "data")
+    config = with_every_preview(make_tiny_config(tiny_models, tmp_path / "data"))
     settings = load_web_settings(config, {"PROMPTPICS_WEB_TOKEN": TOKEN})
     async with Engine(config) as engine:
         server = WebServer(build_app(config, settings, engine.history, engine, key=KEY), "127.0.0.1", 0)
@@ -67,17 +67,20 @@ async def test_the_event_stream_delivers_a_queue_change_and_progress(served: tup
             assert event == "queue" and first["entries"] == []
             handle = await engine.submit(JobRequest("a lighthouse at dusk", steps=3, width=64, height=64,
                                                     requester=Requester("cli", "u1", "Ulla")))
-            seen_in_queue, steps = False, []
+            seen_in_queue, steps, previews = False, [], []
             async for event, data in messages:
                 if event == "queue":
                     seen_in_queue |= any(e["job_id"] == handle.id for e in data["entries"])
                 elif event == "progress" and data["job_id"] == handle.id:
                     steps.append(data["step"])
                     assert data["total"] == 3
-                if seen_in_queue and steps and steps[-1] == 3:
+                elif event == "preview" and data["job_id"] == handle.id:
+                    previews.append(data["src"])
+                if seen_in_queue and steps and steps[-1] == 3 and previews:
                     break
         await handle.result()
     assert seen_in_queue and steps[-1] == 3
+    assert previews[0].startswith("data:image/jpeg;base64,")
 
 
 async def test_metrics_parse_and_the_counters_move_when_a_job_runs(served: tuple[Engine, httpx.AsyncClient]) -> None:

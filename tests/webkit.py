@@ -97,3 +97,9 @@ def site(data_dir: Path, *, token: str | None = TOKEN, engine: Any = None,
 
 async def _open(data_dir: Path) -> HistoryStore:
     return await HistoryStore.open(data_dir)
+
+
+def with_every_preview(config: Config) -> Config:
+    """Previews at every step, unchecked: the live queue shows one on the tiny twins too."""
+    previews = config.previews.model_copy(update={"every_steps": 1, "min_interval_s": 0.0, "policy": "unchecked"})
+    return config.model_copy(update={"previews": previews})

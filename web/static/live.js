@@ -17,7 +17,10 @@
       input.type = "hidden"; input.name = name; input.value = value; form.appendChild(input);
     }
     const button = document.createElement("button"); button.textContent = label; form.appendChild(button);
-    const td = document.createElement("td"); td.appendChild(form); return td;
+    return form;
+  }
+  function actionCell(action, target, label) {
+    const td = document.createElement("td"); td.appendChild(actionForm(action, target, label)); return td;
   }
   function jobLink(id) {
     const td = document.createElement("td"); const a = document.createElement("a");
@@ -33,8 +36,7 @@
       runningId = running.job_id;
       box.dataset.job = running.job_id;
       box.append(`${running.job_id} · ${running.model} · ${running.user} · ETA ${secs(running.eta_s)} `);
-      const t = document.createElement("table"); const tr = document.createElement("tr");
-      tr.append(actionForm("cancel", running.job_id, "Cancel")); t.append(tr); box.append(t);
+      box.append(actionForm("cancel", running.job_id, "Cancel"));
       $("progress").hidden = false;
     } else {
       runningId = null; box.dataset.job = ""; box.textContent = "nothing";
@@ -43,7 +45,7 @@
     const rows = snap.entries.filter((e) => e.position > 0).map((e) => {
       const tr = document.createElement("tr"); tr.dataset.job = e.job_id;
       tr.append(cell(e.position), jobLink(e.job_id), cell(e.model), cell(e.user), cell(secs(e.waited_s)),
-                cell(secs(e.eta_s)), actionForm("cancel", e.job_id, "Cancel"));
+                cell(secs(e.eta_s)), actionCell("cancel", e.job_id, "Cancel"));
       return tr;
     });
     if (!rows.length) { const tr = document.createElement("tr"); const td = cell("empty"); td.colSpan = 7; tr.append(td); rows.push(tr); }
@@ -51,7 +53,7 @@
     $("resident").replaceChildren(...snap.resident.map((m) => {
       const tr = document.createElement("tr");
       tr.append(cell(m.model + (m.pinned ? " (pinned)" : "")), cell(m.where), cell(mib(m.bytes)), cell(secs(m.load_s)),
-                actionForm("unload", m.model, "Unload"));
+                actionCell("unload", m.model, "Unload"));
       return tr;
     }));
     $("budget").textContent = snap.gpu_budget_bytes === null ? `GPU: ${mib(snap.gpu_used_bytes)} used, no budget`
