@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from starlette.requests import Request
 from web.links import LinkError, Member, verify_link
 from web.settings import WebSettings
 
+log = logging.getLogger(__name__)
 SESSION_KEY = "admin"
 CSRF_KEY = "csrf"
 
@@ -79,7 +81,8 @@ def require_admin(request: Request, settings: WebSettings) -> Viewer:
 def member_viewer(request: Request, key: bytes, token: str) -> Viewer:
     try:
         member = verify_link(key, token)
-    except LinkError as exc:
+    except LinkError as exc:  # one line for the admin; never the token itself
+        log.info("web: gallery link refused from %s: %s", request.client.host if request.client else "?", exc)
         raise HTTPException(403, str(exc)) from None
     return Viewer(member=member, base=f"/g/{token}")
 
