@@ -269,6 +269,16 @@ def option_error(problem: str, usage: str) -> str:
     return f"{problem}\n{usage}"
 
 
+def gallery_link(url: str, expires_at: float) -> str:
+    until = datetime.fromtimestamp(expires_at, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"Your gallery: {url}\nThis link is yours alone: it shows only your images and works until {until}. "
+            "Ask /gallery again for a fresh one.")
+
+
+def gallery_off() -> str:
+    return "The web gallery is not set up on this bot."
+
+
 def help_text(entries: Iterable[tuple[str, str, bool]], is_admin: bool) -> str:
     lines = ["Commands:"]
     for usage, summary, admin in entries:

@@ -31,12 +31,22 @@ from engine.history import (
     DataFolderLock,
     Deliveries,
     DeliveryRecord,
+    Facets,
+    Gallery,
+    GalleryPage,
+    GalleryQuery,
     HistoryError,
     HistoryStore,
+    HistoryTimeline,
+    Histogram,
     ModelStats,
     SeenKeys,
     StorageError,
     StoredJob,
+    TIME_BUCKETS,
+    Timeline,
+    Totals,
+    thumbnail_path,
     write_atomic,
 )
 from engine.jobs import (
@@ -98,6 +108,9 @@ __all__ = [
     # the history: the CLI and the adapters read it; deliveries are the bot's message bookkeeping
     "AttemptRecord", "DataFolderLock", "Deliveries", "DeliveryRecord", "HistoryError", "HistoryStore", "ModelStats",
     "SeenKeys", "StorageError", "StoredJob", "write_atomic",
+    # the web gallery and dashboard (web/): pages and search, charts' series, metrics' totals, thumbnails
+    "Facets", "Gallery", "GalleryPage", "GalleryQuery", "Histogram", "HistoryTimeline", "TIME_BUCKETS", "Timeline",
+    "Totals", "thumbnail_path",
     # what the bot shows or checks: the model table, the seed bound, the tiny profile's models
     "describe_models", "MAX_SEED", "ensure_tiny_models",
     # what a front end checks before any engine starts: the request, the weights on this machine

@@ -30,6 +30,7 @@ SUBCOMMANDS: dict[str, list[str]] = {
     "download": ["download", "flux_dev"],
     "doctor": ["doctor"],
     "plan": ["plan", "--gpu-gb", "24"],
+    "web": ["web", "--port", "0"],
 }
 GLOBAL = ["--config", "other.toml", "--profile", "tiny", "-v"]
 

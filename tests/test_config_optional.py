@@ -16,7 +16,7 @@ from tests.conftest import REPO
 SHIPPED = (REPO / "config.toml").read_text(encoding="utf-8")
 HEADER = re.compile(r"^\s*\[\[?\s*([A-Za-z0-9_.]+)\s*\]\]?")
 OPTIONAL_TABLES = ("engine", "limits", "history", "llm", "previews", "safety", "bot", "discord", "scheduler",
-                   "residency", "slack", "router")
+                   "residency", "slack", "router", "web")
 OPTIONAL_SUBTABLES = ("safety.black", "safety.nudenet", "safety.nudenet.thresholds", "safety.prompt",
                       "safety.prompt.replacements", "safety.rewrite", "router.rules", "router.examples",
                       "router.thresholds")

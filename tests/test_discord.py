@@ -403,6 +403,17 @@ async def test_admin_commands_are_refused_for_others_and_work_for_admins(fake: F
     assert unloaded["content"] == "FLUX.1-dev is unloaded."
 
 
+async def test_gallery_answers_a_private_signed_link_to_ones_own_images(fake: FakeDiscord, config: Config) -> None:
+    from web.links import load_secret, verify_link
+
+    async with bot(fake, config) as running:
+        answer = await running.reply_to(await fake.slash("gallery", user_id=ALICE))
+    url = re.search(r"http://127\.0\.0\.1:8765/g/(\S+)", answer["content"])
+    assert url, answer["content"]
+    member = verify_link(load_secret(config.data_dir), url[1])
+    assert (member.platform, member.user_id) == ("discord", str(ALICE))
+
+
 async def test_history_and_show_are_for_everyone(fake: FakeDiscord, config: Config) -> None:
     async with bot(fake, config) as running:
         interaction = await fake.slash("imagine", {"prompt": "a small boat", "seed": 3, **SMALL})
@@ -621,7 +632,7 @@ async def test_sync_commands_registers_the_commands_globally_or_in_one_guild(fak
     settings = settings_for(fake).discord
     names, application_id = await sync_commands(config, settings, None)
     await sync_commands(config, settings, GUILD_ID)
-    assert set(names) == {"imagine", "history", "show", "preload", "unload", "models", "queue", "stats"}
+    assert set(names) == {"imagine", "history", "gallery", "show", "preload", "unload", "models", "queue", "stats"}
     assert application_id == 900000000000000001
     imagine = next(c for c in fake.commands["global"] if c["name"] == "imagine")
     options = {o["name"]: o for o in imagine["options"]}
@@ -640,7 +651,7 @@ async def test_sync_commands_cli_prints_the_commands_and_the_invite_url(fake: Fa
     monkeypatch.setenv("DISCORD_API_BASE", fake.api_base)
     code = await cmd_sync_commands(config, argparse.Namespace(guild=GUILD_ID))
     out = capsys.readouterr().out
-    assert code == 0 and f"registered 8 commands in server {GUILD_ID}: /imagine, /history" in out
+    assert code == 0 and f"registered 9 commands in server {GUILD_ID}: /imagine, /history" in out
     assert ("https://discord.com/oauth2/authorize?client_id=900000000000000001&scope=bot+applications.commands"
             "&permissions=274878008384") in out
     assert list(fake.commands) == [str(GUILD_ID)]

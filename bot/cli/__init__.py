@@ -9,6 +9,7 @@ config, builds and passes in.
 - plan.py: plan (the placement planner for a card)
 - profile.py: the tiny profile's models, built once before any of them runs
 - preflight.py: what is checked before any engine starts (data folder, --out, hub, weights, stdout)
+- webui.py: web (the gallery and dashboard on their own), and the same app inside run
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from bot.cli.plan import add_plan_command
 from bot.cli.preflight import Refused, check_data_dir
 from bot.cli.router import add_router_commands
 from bot.cli.serve import add_bot_commands
+from bot.cli.webui import add_web_command
 from bot.settings import load_settings
 from engine import EngineError, load_config
 
@@ -78,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_download_command(commands)
     add_doctor_command(commands)
     add_plan_command(commands)
+    add_web_command(commands)
     for subcommand in commands.choices.values():  # every one, those added later included
         add_global_options(subcommand, in_subcommand=True)
     return parser

@@ -18,6 +18,7 @@ from typing import Any, Protocol, TextIO
 
 from bot.cli.preflight import hub_sources, settle_offline
 from bot.cli.profile import prepare
+from bot.cli.webui import gallery_links, web_beside
 from bot.commands import AdminPolicy, Commands
 from bot.console import ADMINS as CONSOLE_ADMINS
 from bot.console import ConsoleApp
@@ -65,7 +66,7 @@ def build_core(config: Config, settings: Settings, admins: Mapping[str, AdminPol
     # The caller may own the history, so it can stay open after the engine closes while the
     # last results are still being posted and recorded (delivery.drain).
     engine = Engine(config, history=history)
-    commands = Commands(engine, settings.bot, admins)
+    commands = Commands(engine, settings.bot, admins, gallery_links=gallery_links(config))
     delivery = Delivery(commands)
     delivery.attach()  # before the engine is entered: jobs it takes back at start are shown too
     return BotCore(engine, commands, delivery)
@@ -163,7 +164,7 @@ async def serve(config: Config, settings: Settings, *, stop: asyncio.Event | Non
         for app in apps:
             core.delivery.add_outlet(app.outlet)
         with _stop_on_signals(stop):
-            async with core.engine:
+            async with core.engine, web_beside(config, core.engine):  # [web] enabled: the dashboard too
                 # Load the router's models now rather than on the first user's prompt.
                 warming = asyncio.create_task(core.engine.warm_up_router(), name="router-warm-up")
                 try:

@@ -39,6 +39,7 @@ CATALOGUE: tuple[CommandSpec, ...] = (
                 "make an image"),
     CommandSpec("history", "/history", "your recent jobs in this server"),
     CommandSpec("show", "/show JOB_ID", "one job's settings and outcome (jobs of this server)"),
+    CommandSpec("gallery", "/gallery", "a private link to your images on the web (only you can open it)"),
     CommandSpec("react", "/react JOB_ID EMOJI", "what a reaction on a result does (terminal only)"),
     CommandSpec("models", "/models", "the models, what is loaded where, memory", admin=True),
     CommandSpec("queue", "/queue", "the jobs waiting, their positions and ETA", admin=True),
@@ -60,6 +61,8 @@ class Commands:
     settings: BotSettings
     admins: Mapping[str, AdminPolicy]  # platform -> who is an admin there
     clock: Callable[[], float] = time.monotonic
+    # actor -> (signed URL of their own gallery, expiry); None: no web gallery (bot/cli/webui.py)
+    gallery_links: Callable[[Actor], tuple[str, float]] | None = None
 
     def __post_init__(self) -> None:
         self._cooldowns = Cooldowns(self.settings.cooldown_s, self.clock)
@@ -190,6 +193,13 @@ class Commands:
         job = await self.engine.history.get_job(job_id.strip().lower())
         return job if job is not None and view.sight(job) is not Sight.NONE else None
 
+    def gallery(self, actor: Actor) -> Reply:
+        """A signed link to the asker's own images (never adult ones: docs/WEB.md)."""
+        if self.gallery_links is None:
+            return Reply(messages.gallery_off(), ok=False)
+        url, expires_at = self.gallery_links(actor)
+        return Reply(messages.gallery_link(url, expires_at))
+
     def help(self, actor: Actor) -> Reply:
         return Reply(messages.help_text(((c.usage, c.summary, c.admin) for c in CATALOGUE), self.is_admin(actor)))
 
@@ -252,6 +262,8 @@ class Commands:
             return await self.imagine_text(actor, rest, origin)
         if name == "help":
             return self.help(actor)
+        if name == "gallery":
+            return self.gallery(actor)
         if name == "history":
             return await self.history(actor, origin)
         if name in simple:

@@ -188,6 +188,12 @@ def _add_commands(tree: app_commands.CommandTree, config: Config, app: Callable[
         origin, adult = origin_of(interaction), is_age_restricted(interaction.channel)
         await app().respond(interaction, lambda actor: app().commands.history(actor, origin, adult_channel=adult))
 
+    @tree.command(name="gallery", description="A private link to your images on the web")
+    async def gallery(interaction: discord.Interaction) -> None:
+        async def link(actor: Actor) -> Reply:
+            return app().commands.gallery(actor)
+        await app().respond(interaction, link)
+
     @tree.command(name="show", description="One job's settings, outcome and image")
     @app_commands.guild_only()
     @app_commands.describe(job_id="the job id, e.g. k7mq2x")

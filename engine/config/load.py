@@ -19,7 +19,7 @@ from engine.config.schema_safety import SafetyConfig
 from engine.errors import ConfigError
 
 CONFIG_ENV = "PROMPTPICS_CONFIG"
-PLATFORM_TABLES = ("bot", "discord", "slack")
+PLATFORM_TABLES = ("bot", "discord", "slack", "web")
 # Environment variable -> (table, key) it overrides; the error then names the variable.
 ENV_OVERRIDES = {
     "PROMPTPICS_PROFILE": ("engine", "profile"),

@@ -305,7 +305,7 @@ def _device(value: str) -> str:
 
 
 class Config(SettingsModel):
-    """All of config.toml but [bot], [discord] and [slack] (kept raw in ``platform_tables``)."""
+    """All of config.toml but [bot], [discord], [slack] and [web] (kept raw in ``platform_tables``)."""
 
     models: dict[str, ModelSpec]  # in config order
     limits: Limits = Field(default_factory=Limits)
@@ -325,7 +325,7 @@ class Config(SettingsModel):
     residency: ResidencySettings = Field(default_factory=ResidencySettings)
     safety: SafetyConfig = Field(default_factory=SafetyConfig)
     previews: PreviewSettings = Field(default_factory=PreviewSettings)
-    # [bot], [discord] and [slack] belong to the bot side: kept raw here, validated by bot/.
+    # [bot], [discord], [slack] and [web] belong to the bot side: kept raw here, validated by bot/ and web/.
     platform_tables: Mapping[str, Any] = Field(default_factory=dict, exclude=True)
     source_file: Path | None = Field(None, exclude=True)
 

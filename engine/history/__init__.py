@@ -7,6 +7,8 @@
     dedup.py       ``SeenKeys``: platform ids already handled, with a TTL (``engine.dedup``)
     records.py     plain data returned (``StoredJob``, ``AttemptRecord``, ``DeliveryRecord``), job ids
     stats.py       ``ModelStats``: the per-model queries and their aggregation
+    gallery.py     ``Gallery``: the web gallery's pages, filters and full-text search (FTS5)
+    timeline.py    ``HistoryTimeline``: per-day series for charts, all-time totals for metrics
     files.py       image paths, ``write_atomic`` (the engine's one atomic writer), pruning files
     errors.py      ``HistoryError`` and its family, ``StorageError``
     lock.py        ``DataFolderLock``: one process runs the jobs of a data folder
@@ -15,7 +17,8 @@
 from engine.history.dedup import SeenKeys
 from engine.history.deliveries import Deliveries
 from engine.history.errors import DuplicateJobError, HistoryError, JobFinishedError, StorageError, UnknownJobError
-from engine.history.files import IMAGES_DIR, write_atomic
+from engine.history.files import IMAGES_DIR, thumbnail_path, write_atomic
+from engine.history.gallery import OUTCOMES, Facets, Gallery, GalleryPage, GalleryQuery
 from engine.history.lock import LOCK_NAME, DataFolderLock
 from engine.history.records import ID_ALPHABET, ID_LENGTH, AttemptRecord, DeliveryRecord, StoredJob, new_job_id
 from engine.history.schema import (
@@ -27,10 +30,13 @@ from engine.history.schema import (
 )
 from engine.history.stats import ModelStats
 from engine.history.store import HistoryStore
+from engine.history.timeline import TIME_BUCKETS, DayRow, Histogram, HistoryTimeline, Timeline, Totals
 
 __all__ = [
     "APPLICATION_ID", "ATTEMPT_OUTCOMES", "AttemptRecord", "DELIVERY_KINDS", "DataFolderLock", "Deliveries",
     "DeliveryRecord", "DuplicateJobError", "HistoryError", "HistoryStore", "ID_ALPHABET", "ID_LENGTH", "IMAGES_DIR",
     "JobFinishedError", "LOCK_NAME", "MIGRATIONS", "ModelStats", "SCHEMA_VERSION", "SeenKeys", "StorageError", "StoredJob",
     "UnknownJobError", "new_job_id", "write_atomic",
+    "Facets", "Gallery", "GalleryPage", "GalleryQuery", "OUTCOMES", "thumbnail_path",
+    "DayRow", "Histogram", "HistoryTimeline", "TIME_BUCKETS", "Timeline", "Totals",
 ]

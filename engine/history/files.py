@@ -24,6 +24,11 @@ def image_relpath(job_id: str, finished_at: float) -> Path:
     return Path(IMAGES_DIR, f"{day:%Y}", f"{day:%m}", f"{day:%d}", f"{job_id}.png")
 
 
+def thumbnail_path(png: Path) -> Path:
+    """Where the web gallery caches a PNG's thumbnail: beside it, ``<job_id>.thumb.jpg``."""
+    return png.with_name(f"{png.stem}.thumb.jpg")
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Temp file in the same folder, fsync, rename: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,6 +65,7 @@ def delete_images(data_dir: Path, found: list[tuple[str, str]]) -> list[tuple[st
             continue
         try:
             path.unlink(missing_ok=True)
+            thumbnail_path(path).unlink(missing_ok=True)
         except OSError as exc:
             log.warning("history: job %s: image %s could not be deleted: %s", job_id, path, exc)
             continue

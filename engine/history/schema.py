@@ -4,7 +4,8 @@ Schema versions: ``MIGRATIONS[v]`` takes a file from ``PRAGMA user_version`` v t
 run in order at open, each in its own transaction. Never edit a released script: append one.
 1: jobs, attempts, deliveries. 2: ``jobs.nsfw_allowed`` (0 for older jobs). 3: ``jobs.origin_server_id``
 ('' for older jobs). 4: ``seen_keys`` (platform ids already handled, such as Slack event ids, kept
-for a while: dedup.py).
+for a while: dedup.py). 5: ``jobs_fts``, a full-text index of the prompts (FTS5, trigram: any script,
+emoji and substrings), kept in step by triggers and filled from the jobs already there (gallery.py).
 """
 
 from __future__ import annotations
@@ -107,7 +108,26 @@ CREATE TABLE seen_keys (
 CREATE INDEX seen_keys_by_expiry ON seen_keys (expires_at);
 """
 
-MIGRATIONS: list[str] = [_SCHEMA_V1, _V2_NSFW_ALLOWED, _V3_ORIGIN_SERVER, _V4_SEEN_KEYS]
+_V5_PROMPT_SEARCH = """
+-- the web gallery's search: an external-content FTS5 index over jobs.prompt (rowid = jobs.seq).
+-- The trigram tokenizer matches substrings in any script (Arabic, Hebrew, CJK) without word
+-- rules; a search term shorter than three characters (an emoji) is matched with instr() instead.
+CREATE VIRTUAL TABLE jobs_fts USING fts5(prompt, content = 'jobs', content_rowid = 'seq', tokenize = 'trigram');
+CREATE TRIGGER jobs_fts_insert AFTER INSERT ON jobs BEGIN
+    INSERT INTO jobs_fts (rowid, prompt) VALUES (new.seq, new.prompt);
+END;
+CREATE TRIGGER jobs_fts_delete AFTER DELETE ON jobs BEGIN
+    INSERT INTO jobs_fts (jobs_fts, rowid, prompt) VALUES ('delete', old.seq, old.prompt);
+END;
+CREATE TRIGGER jobs_fts_update AFTER UPDATE OF prompt ON jobs BEGIN
+    INSERT INTO jobs_fts (jobs_fts, rowid, prompt) VALUES ('delete', old.seq, old.prompt);
+    INSERT INTO jobs_fts (rowid, prompt) VALUES (new.seq, new.prompt);
+END;
+INSERT INTO jobs_fts (jobs_fts) VALUES ('rebuild');  -- the jobs recorded before this version
+CREATE INDEX jobs_by_model ON jobs (model_used, seq);
+"""
+
+MIGRATIONS: list[str] = [_SCHEMA_V1, _V2_NSFW_ALLOWED, _V3_ORIGIN_SERVER, _V4_SEEN_KEYS, _V5_PROMPT_SEARCH]
 """``MIGRATIONS[v]`` upgrades a file from ``user_version`` v to v + 1."""
 SCHEMA_VERSION = len(MIGRATIONS)
 
