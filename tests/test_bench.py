@@ -28,6 +28,7 @@ SMALLEST: dict[str, list[str]] = {
     "router_fit.py": ["--precision", "0.5"],
     "router_gpu_check.py": ["cpu"],
     "safety_detectors.py": ["--runs", "1"],
+    "web.py": ["--jobs", "20", "--requests", "2"],
     "scheduler.py": ["--jobs", "20", "--users", "3", "--gpu-gb", "24", "--placement", "auto"],
 }
 # Run elsewhere with its smallest arguments: tests/test_engine_load.py checks every key it reports.
@@ -46,10 +47,10 @@ def project_imports(script: str) -> list[tuple[str, str | None]]:
     """(module, name) for every `from engine|bot... import name` and `import engine|bot...` in the script."""
     found: list[tuple[str, str | None]] = []
     for node in ast.walk(ast.parse((BENCH / script).read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("engine", "bot"):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("engine", "bot", "web"):
             found += [(node.module, alias.name) for alias in node.names]
         elif isinstance(node, ast.Import):
-            found += [(alias.name, None) for alias in node.names if alias.name.split(".")[0] in ("engine", "bot")]
+            found += [(alias.name, None) for alias in node.names if alias.name.split(".")[0] in ("engine", "bot", "web")]
     return found
 
 
