@@ -150,6 +150,8 @@ class BotSettings(SettingsModel):
     history_limit: StrictInt = Field(10, ge=1, le=50)  # rows shown by /history
     regenerate_emoji: Emoji = "🔁"
     cancel_emoji: Emoji = "❌"
+    # /sweep's grid: at most this many tiles (steps x guidance); number reactions go to 9️⃣
+    max_sweep_tiles: StrictInt = Field(9, ge=1, le=9)
 
 
 class DiscordSettings(SettingsModel):
