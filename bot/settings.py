@@ -33,6 +33,9 @@ SLACK_EMOJI_NAMES: Mapping[str, str] = MappingProxyType({
     "✨": "sparkles", "🌄": "sunrise_over_mountains", "🏞": "national_park", "👤": "bust_in_silhouette",
     "🔥": "fire", "⭐": "star", "🚀": "rocket", "🔮": "crystal_ball", "🤖": "robot_face", "🌈": "rainbow",
     "💡": "bulb", "🎬": "clapper", "🧪": "test_tube", "🆕": "new", "📐": "triangular_ruler", "🦊": "fox_face",
+    # the tiles of a /compare or /sweep contact sheet (bot/sheets.py)
+    **{f"{n}\u20e3": name for n, name in enumerate(("one", "two", "three", "four", "five", "six", "seven", "eight",
+                                                     "nine"), start=1)},
 })
 _SLACK_EMOJI_NAME = re.compile(r"[a-z0-9_+'-]{1,100}")
 _SLACK_USER_ID = re.compile(r"[UW][A-Z0-9]{2,}")
