@@ -21,7 +21,10 @@ from bot.sheets import GAP, HEADER_HEIGHT, LABEL_HEIGHT, LABEL_STRIP, TILE_SIDE,
 from engine import Config, Engine, JobStatus, Origin
 from engine.history import SCHEMA_VERSION, HistoryStore, PresetStore
 from tests.conftest import make_tiny_config
+from tests.fake_discord import ADMIN, BOB, FakeDiscord
 from tests.test_console import promptpics, run_chat
+from tests.test_discord import bot as discord_bot
+from tests.test_discord import fake  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -188,3 +191,51 @@ async def test_eight_concurrent_compares_admit_whole_groups_up_to_the_per_user_c
 async def stored(config: Config) -> list[Any]:
     async with HistoryStore.open(config.data_dir) as history:
         return await history.recent_jobs(limit=100)
+
+
+# -- end to end on Discord (the fake server) -------------------------------------------------------
+
+
+async def test_compare_on_discord_posts_four_images_and_a_sheet_whose_number_records_the_pick(
+        fake: FakeDiscord, config: Config) -> None:
+    async with discord_bot(fake, config) as running:
+        interaction = await fake.slash("compare", {"prompt": "a red fox in the snow", "seed": 5})
+        ack = (await running.reply_to(interaction))["content"]
+        sheet_id = re.search(r"Compare `(s[0-9a-f]{6})`", ack)[1]  # type: ignore[index]
+        job_ids = re.findall(r"`([a-z0-9]{6})`", ack.split("queued", 1)[1])
+        results = [await running.result_of(job_id) for job_id in job_ids]
+
+        def sheet_message() -> dict[str, Any] | None:
+            return next((m for m in fake.channel_messages(with_files=True) if f"{sheet_id}-sheet.png" in m["files"]
+                         and len(fake.reactions.get(int(m["id"]), [])) == 4), None)
+
+        sheet = await fake.wait_for(sheet_message)
+        await fake.react(sheet["id"], "2️⃣", user_id=BOB)
+        answer = await fake.wait_for(lambda: [m for m in fake.channel_messages() if m["reference"] == sheet["id"]])
+        record = await running.core.engine.presets_store.sheet(sheet_id)
+    assert len(job_ids) == 4 and len(results) == 4
+    assert fake.reactions[int(sheet["id"])] == ["1️⃣", "2️⃣", "3️⃣", "4️⃣"]
+    assert all(name in sheet["content"] for name in ("FLUX.1-dev 🎨", "RealVisXL V4.0 📷", "HiDream-I1 (text & logos) 🔤"))
+    with Image.open(io.BytesIO(sheet["files"][f"{sheet_id}-sheet.png"])) as opened:
+        assert opened.size[0] == GAP + 2 * (TILE_SIDE + GAP)
+    assert answer[0]["content"] == f"<@{BOB}> Noted: RealVisXL V4.0 is your pick for sheet `{sheet_id}`."
+    assert record is not None and record.picked == 2 and record.picked_by == f"discord:{BOB}"
+    assert list(record.job_ids) == job_ids
+
+
+async def test_on_discord_a_sweep_number_from_a_non_admin_is_refused_and_an_admins_sets_the_preset(fake: FakeDiscord, config: Config) -> None:
+    async with discord_bot(fake, config) as running:
+        interaction = await fake.slash("sweep", {"prompt": "a lighthouse", "model": "flux_dev", "steps": "1,2",
+                                                 "guidance": "3.5"}, user_id=ADMIN)
+        ack = (await running.reply_to(interaction))["content"]
+        sheet_id = re.search(r"Sweep `(s[0-9a-f]{6})`", ack)[1]  # type: ignore[index]
+        sheet = await fake.wait_for(lambda: next((m for m in fake.channel_messages(with_files=True)
+                                                  if f"{sheet_id}-sheet.png" in m["files"]
+                                                  and len(fake.reactions.get(int(m["id"]), [])) == 2), None))
+        await fake.react(sheet["id"], "2️⃣", user_id=BOB)
+        refusal = await fake.wait_for(lambda: [m for m in fake.channel_messages() if m["reference"] == sheet["id"]])
+        await fake.react(sheet["id"], "2️⃣", user_id=ADMIN)
+        await fake.wait_for(lambda: len([m for m in fake.channel_messages() if m["reference"] == sheet["id"]]) == 2)
+        preset = running.core.engine.presets.get("flux_dev")  # type: ignore[union-attr]
+    assert refusal[0]["content"] == f"<@{BOB}> Sorry, `/sweep` is for the bot's admins."
+    assert preset is not None and (preset.steps, preset.guidance) == (2, 3.5)

@@ -1,6 +1,7 @@
-"""Discord's /compare, /sweep and /preset slash commands (bot/commands/compare.py does the work)."""
+"""Discord's /compare, /sweep and /preset slash commands (bot/commands/compare.py does the work).
 
-from __future__ import annotations
+No ``from __future__ import annotations``: discord.py reads the option types from the annotations at runtime.
+"""
 
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Optional
@@ -14,7 +15,7 @@ if TYPE_CHECKING:
     from bot.discord.app import DiscordApp
 
 
-def add_group_commands(tree: app_commands.CommandTree, config: Config, app: Callable[[], DiscordApp],
+def add_group_commands(tree: app_commands.CommandTree, config: Config, app: Callable[[], "DiscordApp"],
                        origin_of: Callable[[discord.Interaction], Origin]) -> None:
     lim = config.limits
     models = [app_commands.Choice(name=f"{m.display_name} ({m.id})"[:100], value=m.id) for m in config.models.values()]
