@@ -4,19 +4,17 @@ No ``from __future__ import annotations``: discord.py reads the option types fro
 """
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Optional
+from typing import Any, Optional
 
 import discord
 from discord import app_commands
 
 from engine import MAX_SEED, Config, Origin
 
-if TYPE_CHECKING:
-    from bot.discord.app import DiscordApp
 
-
-def add_group_commands(tree: app_commands.CommandTree, config: Config, app: Callable[[], "DiscordApp"],
+def add_group_commands(tree: app_commands.CommandTree, config: Config, app: Callable[[], Any],
                        origin_of: Callable[[discord.Interaction], Origin]) -> None:
+    """``app`` returns the running DiscordApp (typed Any: app.py imports this module, not the other way)."""
     lim = config.limits
     models = [app_commands.Choice(name=f"{m.display_name} ({m.id})"[:100], value=m.id) for m in config.models.values()]
 
