@@ -257,7 +257,7 @@ class SlackApp:
         s = self.settings
         entries = [(c.usage.replace("/imagine", s.imagine_command, 1) if c.name == "imagine"
                     else f"{s.admin_command} {c.usage.lstrip('/')}", c.summary, c.admin)
-                   for c in CATALOGUE if c.name != "react"]
+                   for c in CATALOGUE if c.name not in ("react", "pick")]
         return Reply(messages.help_text(entries, self.commands.is_admin(actor)))
 
     async def _guarded(self, work: Callable[[], Awaitable[Outcome | None]]) -> Outcome | None:
