@@ -18,7 +18,8 @@ from bot.commands.sweeps import parse_compare, parse_sweep
 from bot.outlet import fit_image_blocking
 from bot.settings import BotSettings
 from bot.sheets import GAP, HEADER_HEIGHT, LABEL_HEIGHT, LABEL_STRIP, TILE_SIDE, SheetTile, contact_sheet_blocking, tile_of_emoji
-from engine import Config, Engine, JobStatus, Origin
+from engine import Config, Engine, JobStatus, Origin, QueueFullError
+from engine.core.admission import Admission
 from engine.history import SCHEMA_VERSION, HistoryStore, PresetStore
 from tests.conftest import make_tiny_config
 from tests.fake_discord import ADMIN, BOB, FakeDiscord
@@ -142,6 +143,10 @@ async def test_sweep_three_by_three_writes_one_sheet_and_over_the_cap_is_refused
     assert code == 1 and "12 tiles, but it may be at most 9 tiles ([bot] max_sweep_tiles)" in out
     assert len(await stored(config)) == 9  # nothing more was queued
 
+    code, out = await run_chat(config, "/sweep a fox --model flux_dev --steps 1,2,999\n")
+    assert code == 1 and "steps is 999, but it must be a whole number from 1 to 50" in out
+    assert len(await stored(config)) == 9  # refused whole: not two tiles queued and the third refused
+
 
 async def test_a_sweep_pick_sets_the_preset_across_restarts_until_it_is_reset(config: Config) -> None:
     code, out = await run_chat(config, "/sweep a fox --model flux_dev --steps 2,3 --guidance 3.5,5.5 --seed 1\n")
@@ -186,6 +191,20 @@ async def test_eight_concurrent_compares_admit_whole_groups_up_to_the_per_user_c
     for job in jobs:
         by_prompt.setdefault(job.params.prompt, []).append(job.params.model_id)
     assert len(by_prompt) == 2 and all(sorted(models) == sorted(capped.models) for models in by_prompt.values())
+
+
+def test_a_group_takes_all_its_seats_or_none() -> None:
+    admission = Admission(max_queued_jobs=100, max_queued_per_user=10)
+    admission.reserve_many("chat:alice", 4)
+    admission.reserve_many("chat:alice", 4)
+    with pytest.raises(QueueFullError) as refused:
+        admission.reserve_many("chat:alice", 4)
+    assert admission.held("chat:alice") == 8  # the refused group took nothing
+    assert refused.value.user_message.startswith("This asks for 4 jobs at once and you have 8 waiting; one person may "
+                                                 "queue at most 10, so none of them was queued.")
+    admission.reserve_many("chat:bob", 10)
+    with pytest.raises(QueueFullError):
+        Admission(max_queued_jobs=5, max_queued_per_user=10).reserve_many("chat:carol", 6)
 
 
 async def stored(config: Config) -> list[Any]:

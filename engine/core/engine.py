@@ -21,7 +21,7 @@ from engine.config import Config
 from engine.core.admission import Admission
 from engine.core.dispatch import STOPPED_MESSAGE, Dispatcher
 from engine.core.job import JobHandle, LiveJob, user_key
-from engine.core.normalise import clean_prompt, normalise, requested_model
+from engine.core.normalise import check_request, clean_prompt, normalise, requested_model
 from engine.core.plan import CostBook, QueuePlan, recorded_busy_s
 from engine.core.presets import ModelPresets
 from engine.core.runner import JobRunner, default_runner_blocking
@@ -241,6 +241,8 @@ class Engine(Dispatcher):
         checked and taken in one step before the first await, so a group never runs in part."""
         if not requests or len({user_key(r) for r in requests}) != 1:
             raise ValueError("a group is one or more requests of one user")
+        for r in requests:  # every field of every request first: a bad one refuses the group before any seat
+            check_request(r, self.config)
         checked = [(r, clean_prompt(r.prompt, self.config.limits), requested_model(r, self.config)) for r in requests]
         user = user_key(requests[0])
         self._admission.reserve_many(user, len(requests))  # raises: closing, queue full, this user's cap
