@@ -294,6 +294,15 @@ class DiscordApp:
         await interaction.response.defer(ephemeral=True, thinking=True)  # /preload can take minutes
         await self._send_reply(interaction, await work(actor_of(interaction.user)))
 
+    async def respond_posting(self, interaction: discord.Interaction, work: Callable[[Actor], Awaitable[Reply]]) -> None:
+        """``respond`` for a command whose images go to this channel (/compare, /sweep): refused
+        up front, like /imagine, where the bot could not post them."""
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        if missing := missing_permissions(interaction):
+            await self._send_reply(interaction, Reply(messages.missing_permissions(missing), ok=False))
+            return
+        await self._send_reply(interaction, await work(actor_of(interaction.user)))
+
     async def _send_reply(self, interaction: discord.Interaction, reply: Reply) -> None:
         file: discord.File = discord.utils.MISSING
         if reply.image_path:

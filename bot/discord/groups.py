@@ -24,7 +24,7 @@ def add_group_commands(tree: app_commands.CommandTree, config: Config, app: Call
     async def compare(interaction: discord.Interaction, prompt: app_commands.Range[str, 1, lim.max_prompt_chars],
                       seed: Optional[app_commands.Range[int, 0, MAX_SEED]] = None) -> None:
         origin, adult = origin_of(interaction), _adult(interaction)
-        await app().respond(interaction, lambda actor: app().commands.groups.compare(
+        await app().respond_posting(interaction, lambda actor: app().commands.groups.compare(
             actor, prompt, origin, seed=seed, adult_channel=adult))
 
     @tree.command(name="sweep", description="Admins: one model at every steps x guidance, one contact sheet")
@@ -37,7 +37,7 @@ def add_group_commands(tree: app_commands.CommandTree, config: Config, app: Call
                     seed: Optional[app_commands.Range[int, 0, MAX_SEED]] = None) -> None:
         text = f"{prompt} --model {model} --steps {steps} --guidance {guidance}" + (f" --seed {seed}" if seed else "")
         origin, adult = origin_of(interaction), _adult(interaction)
-        await app().respond(interaction, lambda actor: app().commands.groups.sweep(
+        await app().respond_posting(interaction, lambda actor: app().commands.groups.sweep(
             actor, text, origin, adult_channel=adult))
 
     @tree.command(name="preset", description="The presets set from sweeps; reset one to config.toml")
