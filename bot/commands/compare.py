@@ -85,6 +85,18 @@ class Groups:
         self.jobs: deque[str] = deque(maxlen=JOBS_REMEMBERED)  # group jobs asked for (the terminal waits for them)
         self._tasks: set[asyncio.Task[None]] = set()
 
+    COMMANDS = ("compare", "sweep", "preset", "pick")
+
+    async def run_line(self, actor: Actor, name: str, rest: str, origin: Origin) -> Reply:
+        """One of ``COMMANDS`` typed as text (the terminal, Slack's ``/promptpics``)."""
+        if name == "compare":
+            return await self.compare(actor, rest, origin)
+        if name == "sweep":
+            return await self.sweep(actor, rest, origin)
+        if name == "pick":
+            return await self.pick_line(actor, rest)
+        return await self.preset(actor, rest)
+
     def add_outlet(self, outlet: object) -> None:
         if hasattr(outlet, "post_sheet"):
             self.outlets[getattr(outlet, "platform")] = outlet  # type: ignore[assignment]

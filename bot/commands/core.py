@@ -285,10 +285,8 @@ class Commands:
             return await handler(actor, rest.split()[0])
         if name == "react":
             return await self._react_line(actor, rest, origin)
-        if name in ("compare", "sweep", "preset", "pick"):
-            return await {"compare": lambda: self.groups.compare(actor, rest, origin), "pick": lambda: self.groups.pick_line(
-                actor, rest), "sweep": lambda: self.groups.sweep(actor, rest, origin),
-                "preset": lambda: self.groups.preset(actor, rest)}[name]()
+        if name in self.groups.COMMANDS:  # /compare, /sweep, /preset, /pick
+            return await self.groups.run_line(actor, name, rest, origin)
         known = ", ".join(f"/{c.name}" for c in CATALOGUE)
         return Reply(f"`/{name}` is not a command. Commands: {known}.", ok=False)
 
