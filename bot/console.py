@@ -38,9 +38,10 @@ class ConsoleOutlet:
     platform = PLATFORM
     progress_interval_s: float | None = 0.0  # a terminal line costs nothing: show every step
 
-    def __init__(self, out: TextIO, previews_dir: Path | None = None) -> None:
+    def __init__(self, out: TextIO, previews_dir: Path | None = None, sheets_dir: Path | None = None) -> None:
         self._out = out
         self._previews_dir = previews_dir
+        self._sheets_dir = sheets_dir
         self._last: dict[str, str] = {}  # job id -> the status line printed last
 
     def mention(self, user_id: str) -> str:
@@ -88,6 +89,16 @@ class ConsoleOutlet:
     async def add_reactions(self, job: StoredJob, ref: MessageRef, emojis: Sequence[str]) -> None:
         return None
 
+    async def post_sheet(self, job: StoredJob, sheet_id: str, png: bytes, caption: str) -> MessageRef:
+        """A /compare or /sweep contact sheet: written to ``sheets_dir/<sheet id>-sheet.png``, its path printed."""
+        if self._sheets_dir is None:
+            raise RuntimeError("no folder for contact sheets")
+        path = self._sheets_dir / f"{sheet_id}-sheet.png"
+        await asyncio.to_thread(write_atomic, path, png)
+        print(caption.replace("`", ""), file=self._out, flush=True)
+        print(f"sheet {sheet_id}: {path}", file=self._out, flush=True)
+        return MessageRef("terminal", sheet_id)
+
     async def retire_status(self, job: StoredJob, ref: MessageRef) -> None:
         self._last.pop(job.id, None)
 
@@ -103,7 +114,7 @@ class ConsoleApp:
         name = user or _login_name()
         self.actor = Actor(platform=PLATFORM, user_id=name, display_name=name)
         self.origin = Origin(platform=PLATFORM, channel_id="terminal")
-        self.outlet = ConsoleOutlet(self._out, commands.config.data_dir / "previews")
+        self.outlet = ConsoleOutlet(self._out, commands.config.data_dir / "previews", commands.config.data_dir / "sheets")
 
     async def run(self) -> int:
         submitted: list[str] = []
@@ -123,7 +134,9 @@ class ConsoleApp:
                 print(outcome.text.replace("`", ""), file=self._out, flush=True)  # no markdown in a terminal
                 if outcome.image_path:
                     print(outcome.image_path, file=self._out, flush=True)
-        for job_id in submitted:  # input ended: finish what was asked
+        await self.commands.groups.settled()  # input ended: finish what was asked, contact sheets too
+        submitted += self.commands.groups.jobs
+        for job_id in submitted:
             await self.delivery.settled(job_id)
         failed = 0
         for job_id in submitted:

@@ -97,6 +97,7 @@ class Delivery:
 
     def add_outlet(self, outlet: Outlet) -> None:
         self._outlets[outlet.platform] = outlet
+        self._commands.groups.add_outlet(outlet)  # contact sheets of /compare and /sweep go out through it too
 
     def attach(self) -> None:
         """Subscribe to the engine's events; call before entering the engine."""

@@ -206,7 +206,8 @@ def models_reply(rows: Sequence[Mapping[str, Any]]) -> str:
         if r.get("loaded"):
             state = f"loaded ({r.get('placement') or 'ready'}, {r.get('memory_mb') or 0:,.0f} MB)"
         lines.append(f"{r.get('emoji') or '•'} `{r['id']}` {r['display_name']}: {state}; good at {r.get('good_at') or '-'}; "
-                     f"steps {r['steps']}, guidance {r['guidance']:g}; weights {r.get('weights', '?')}")
+                     f"steps {r['steps']}, guidance {r['guidance']:g}{' (preset from /sweep)' if r.get('preset') else ''}; "
+                     f"weights {r.get('weights', '?')}")
     return "\n".join(lines)
 
 

@@ -33,6 +33,9 @@ SLACK_EMOJI_NAMES: Mapping[str, str] = MappingProxyType({
     "✨": "sparkles", "🌄": "sunrise_over_mountains", "🏞": "national_park", "👤": "bust_in_silhouette",
     "🔥": "fire", "⭐": "star", "🚀": "rocket", "🔮": "crystal_ball", "🤖": "robot_face", "🌈": "rainbow",
     "💡": "bulb", "🎬": "clapper", "🧪": "test_tube", "🆕": "new", "📐": "triangular_ruler", "🦊": "fox_face",
+    # the tiles of a /compare or /sweep contact sheet (bot/sheets.py)
+    **{f"{n}\u20e3": name for n, name in enumerate(("one", "two", "three", "four", "five", "six", "seven", "eight",
+                                                     "nine"), start=1)},
 })
 _SLACK_EMOJI_NAME = re.compile(r"[a-z0-9_+'-]{1,100}")
 _SLACK_USER_ID = re.compile(r"[UW][A-Z0-9]{2,}")
@@ -150,6 +153,8 @@ class BotSettings(SettingsModel):
     history_limit: StrictInt = Field(10, ge=1, le=50)  # rows shown by /history
     regenerate_emoji: Emoji = "🔁"
     cancel_emoji: Emoji = "❌"
+    # /sweep's grid: at most this many tiles (steps x guidance); number reactions go to 9️⃣
+    max_sweep_tiles: StrictInt = Field(9, ge=1, le=9)
 
 
 class DiscordSettings(SettingsModel):

@@ -38,6 +38,9 @@ from engine.history import (
     HistoryError,
     HistoryStore,
     HistoryTimeline,
+    Preset,
+    PresetStore,
+    SheetRecord,
     Histogram,
     ModelStats,
     SeenKeys,
@@ -111,6 +114,8 @@ __all__ = [
     # the web gallery and dashboard (web/): pages and search, charts' series, metrics' totals, thumbnails
     "Facets", "Gallery", "GalleryPage", "GalleryQuery", "Histogram", "HistoryTimeline", "TIME_BUCKETS", "Timeline",
     "Totals", "thumbnail_path",
+    # /compare and /sweep: contact sheets, their picks, model presets over config.toml
+    "Preset", "PresetStore", "SheetRecord",
     # what the bot shows or checks: the model table, the seed bound, the tiny profile's models
     "describe_models", "MAX_SEED", "ensure_tiny_models",
     # what a front end checks before any engine starts: the request, the weights on this machine

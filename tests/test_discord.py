@@ -632,7 +632,8 @@ async def test_sync_commands_registers_the_commands_globally_or_in_one_guild(fak
     settings = settings_for(fake).discord
     names, application_id = await sync_commands(config, settings, None)
     await sync_commands(config, settings, GUILD_ID)
-    assert set(names) == {"imagine", "history", "gallery", "show", "preload", "unload", "models", "queue", "stats"}
+    assert set(names) == {"imagine", "history", "gallery", "show", "preload", "unload", "models", "queue", "stats",
+                          "compare", "sweep", "preset"}
     assert application_id == 900000000000000001
     imagine = next(c for c in fake.commands["global"] if c["name"] == "imagine")
     options = {o["name"]: o for o in imagine["options"]}
@@ -651,7 +652,7 @@ async def test_sync_commands_cli_prints_the_commands_and_the_invite_url(fake: Fa
     monkeypatch.setenv("DISCORD_API_BASE", fake.api_base)
     code = await cmd_sync_commands(config, argparse.Namespace(guild=GUILD_ID))
     out = capsys.readouterr().out
-    assert code == 0 and f"registered 9 commands in server {GUILD_ID}: /imagine, /history" in out
+    assert code == 0 and f"registered 12 commands in server {GUILD_ID}: /imagine, /history" in out
     assert ("https://discord.com/oauth2/authorize?client_id=900000000000000001&scope=bot+applications.commands"
             "&permissions=274878008384") in out
     assert list(fake.commands) == [str(GUILD_ID)]

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 
 from bot import messages
+from bot.commands.compare import Groups
 from bot.commands.cooldowns import Cooldowns
 from bot.commands.data import Actor, AdminPolicy, ImagineOptions, Outcome, Reply, Submitted
 from bot.commands.options import OptionError, parse_imagine_text, text_usage
@@ -46,6 +47,11 @@ CATALOGUE: tuple[CommandSpec, ...] = (
     CommandSpec("stats", "/stats", "per-model timings and safety incidents", admin=True),
     CommandSpec("preload", "/preload MODEL", "load a model ahead of demand", admin=True),
     CommandSpec("unload", "/unload MODEL", "free a model's memory", admin=True),
+    CommandSpec("compare", "/compare PROMPT [--seed S] [--size WxH]", "the prompt on every model, one contact sheet"),
+    CommandSpec("pick", "/pick SHEET_ID N", "pick a tile of a sheet (terminal only; elsewhere react 1️⃣-9️⃣)"),
+    CommandSpec("sweep", "/sweep PROMPT --model ID --steps 20,24 --guidance 3.5,4.5 [--seed S]",
+                "one model at every steps x guidance, one contact sheet", admin=True),
+    CommandSpec("preset", "/preset [reset MODEL]", "the presets set from sweeps; reset one to config.toml"),
     CommandSpec("help", "/help", "this list"),
 )
 
@@ -66,6 +72,7 @@ class Commands:
 
     def __post_init__(self) -> None:
         self._cooldowns = Cooldowns(self.settings.cooldown_s, self.clock)
+        self.groups = Groups(self, self._cooldowns)  # /compare, /sweep, /preset (bot/commands/compare.py)
 
     @property
     def config(self) -> Config:
@@ -231,7 +238,7 @@ class Commands:
             return refused
         # describe_models looks at the file system (the hub cache): not on the loop.
         rows = await asyncio.to_thread(describe_models, self.config, self.engine.resident_models())
-        return Reply(messages.models_reply(rows))
+        return Reply(messages.models_reply(self.groups.with_presets(rows)))
 
     async def queue(self, actor: Actor) -> Reply:
         if refused := self._refuse(actor, "queue"):
@@ -278,6 +285,8 @@ class Commands:
             return await handler(actor, rest.split()[0])
         if name == "react":
             return await self._react_line(actor, rest, origin)
+        if name in self.groups.COMMANDS:  # /compare, /sweep, /preset, /pick
+            return await self.groups.run_line(actor, name, rest, origin)
         known = ", ".join(f"/{c.name}" for c in CATALOGUE)
         return Reply(f"`/{name}` is not a command. Commands: {known}.", ok=False)
 

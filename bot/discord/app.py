@@ -28,9 +28,11 @@ from discord import app_commands
 from discord.gateway import DiscordWebSocket
 
 from bot import messages
-from bot.commands import Actor, AdminPolicy, Commands, ImagineOptions, Reply, Submitted
+from bot.commands import Actor, AdminPolicy, Commands, ImagineOptions, Outcome, Reply, Submitted
+from bot.discord.groups import add_group_commands
 from bot.discord.outlet import MESSAGE_LIMIT, NOBODY, PLATFORM, DiscordOutlet, pinging
 from bot.settings import DiscordSettings
+from bot.sheets import tile_of_emoji
 from bot.supervise import new_ref
 from engine import MAX_SEED, Config, Origin
 
@@ -230,6 +232,8 @@ def _add_commands(tree: app_commands.CommandTree, config: Config, app: Callable[
     async def stats(interaction: discord.Interaction) -> None:
         await app().respond(interaction, app().commands.stats)
 
+    add_group_commands(tree, config, app, origin_of)  # /compare, /sweep, /preset (bot/discord/groups.py)
+
 
 # -- the adapter ---------------------------------------------------------------------------------
 
@@ -290,6 +294,15 @@ class DiscordApp:
         await interaction.response.defer(ephemeral=True, thinking=True)  # /preload can take minutes
         await self._send_reply(interaction, await work(actor_of(interaction.user)))
 
+    async def respond_posting(self, interaction: discord.Interaction, work: Callable[[Actor], Awaitable[Reply]]) -> None:
+        """``respond`` for a command whose images go to this channel (/compare, /sweep): refused
+        up front, like /imagine, where the bot could not post them."""
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        if missing := missing_permissions(interaction):
+            await self._send_reply(interaction, Reply(messages.missing_permissions(missing), ok=False))
+            return
+        await self._send_reply(interaction, await work(actor_of(interaction.user)))
+
     async def _send_reply(self, interaction: discord.Interaction, reply: Reply) -> None:
         file: discord.File = discord.utils.MISSING
         if reply.image_path:
@@ -306,7 +319,7 @@ class DiscordApp:
         if (me is not None and payload.user_id == me.id) or not payload.emoji.is_unicode_emoji():
             return
         emoji = str(payload.emoji)
-        if self.commands.reaction_action(emoji) is None:
+        if self.commands.reaction_action(emoji) is None and tile_of_emoji(emoji, 9) is None:
             return  # not one of ours: no database look-up for every reaction in the server
         actor = Actor(platform=PLATFORM, user_id=str(payload.user_id),
                       display_name=payload.member.display_name if payload.member else "",
@@ -317,9 +330,12 @@ class DiscordApp:
         try:  # the catch-all of this boundary
             job = await self.commands.engine.deliveries.job_by_message(
                 platform=PLATFORM, channel_id=str(payload.channel_id), message_id=str(payload.message_id))
-            if job is None:
-                return  # not a message of ours
-            outcome = await self.commands.react(actor, job, emoji, origin, adult_channel=adult)
+            outcome: Outcome | None
+            if job is None:  # a contact sheet's number, or not a message of ours
+                outcome = await self.commands.groups.react(actor, emoji, platform=PLATFORM, channel_id=origin.channel_id,
+                                                           message_id=origin.message_ref)
+            else:
+                outcome = await self.commands.react(actor, job, emoji, origin, adult_channel=adult)
         except Exception as exc:
             outcome = Reply(messages.describe_error(exc), ok=False)
         if outcome is None or isinstance(outcome, Submitted):

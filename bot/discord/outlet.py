@@ -134,6 +134,15 @@ class DiscordOutlet:
                 return MessageRef(str(channel.id), str(message.id))
         return None
 
+    async def post_sheet(self, job: StoredJob, sheet_id: str, png: bytes, caption: str) -> MessageRef:
+        """A /compare or /sweep contact sheet in ``job``'s channel, fitted to its upload limit."""
+        channel = await self._channel(job.origin.channel_id)
+        data, ext = await asyncio.to_thread(fit_image_blocking, png, self._upload_limit(job))
+        file = discord.File(io.BytesIO(data), filename=f"{sheet_id}-sheet.{ext}")
+        message = await channel.send(messages.fit_text(caption, MESSAGE_LIMIT), file=file,
+                                     allowed_mentions=requester_only(job))
+        return MessageRef(str(channel.id), str(message.id))
+
     async def add_reactions(self, job: StoredJob, ref: MessageRef, emojis: Sequence[str]) -> None:
         message = (await self._channel(ref.channel_id)).get_partial_message(int(ref.message_id))
         for emoji in emojis:

@@ -47,6 +47,7 @@ from bot.commands import (
     text_usage,
 )
 from bot.settings import SlackSettings
+from bot.sheets import tile_of_emoji
 from bot.slack.outlet import (
     PLATFORM,
     REMEMBERED,
@@ -63,7 +64,8 @@ log = logging.getLogger(__name__)
 
 LOGIN_ERRORS = frozenset({"invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired",
                           "not_allowed_token_type"})
-SUBCOMMANDS = ("imagine", "history", "show", "models", "queue", "stats", "preload", "unload", "gallery", "help")
+SUBCOMMANDS = ("imagine", "history", "show", "models", "queue", "stats", "preload", "unload", "gallery", "compare", "sweep",
+               "preset", "help")
 SIGNATURE_MAX_AGE_S = 5 * 60  # how old a signed HTTP request may be (Slack and bolt allow 5 minutes)
 SEEN_TTL_S = 3600.0  # Slack retries an event after about 1 and 5 minutes: an hour covers a restart between
 
@@ -255,7 +257,7 @@ class SlackApp:
         s = self.settings
         entries = [(c.usage.replace("/imagine", s.imagine_command, 1) if c.name == "imagine"
                     else f"{s.admin_command} {c.usage.lstrip('/')}", c.summary, c.admin)
-                   for c in CATALOGUE if c.name != "react"]
+                   for c in CATALOGUE if c.name not in ("react", "pick")]
         return Reply(messages.help_text(entries, self.commands.is_admin(actor)))
 
     async def _guarded(self, work: Callable[[], Awaitable[Outcome | None]]) -> Outcome | None:
@@ -293,7 +295,7 @@ class SlackApp:
         emoji = self.outlet.emoji_of(str(event.get("reaction", "")))
         if item.get("type") != "message" or user == self.bot_user_id or emoji is None:
             return
-        if self.commands.reaction_action(emoji) is None:
+        if self.commands.reaction_action(emoji) is None and tile_of_emoji(emoji, 9) is None:
             return  # not one of ours: no database look-up for every reaction in the workspace
         if await self._seen_before("event", body.get("event_id")):
             return  # Slack's redelivery of an event already handled
@@ -301,8 +303,9 @@ class SlackApp:
         root: str | None = None
         try:  # the catch-all of this boundary
             job = await self.commands.engine.deliveries.job_by_message(platform=PLATFORM, channel_id=channel, message_id=ts)
-            if job is None:
-                return  # not a message of ours
+            if job is None:  # a contact sheet's number (bot/commands/compare.py), or not a message of ours
+                await self._on_sheet_reaction(user, emoji, channel, ts)
+                return
             root = await self._thread_root(job, channel, ts)
             origin = Origin(platform=PLATFORM, channel_id=channel, thread_id=root, message_ref=ts,
                             server_id=str(body.get("team_id") or ""))
@@ -321,6 +324,12 @@ class SlackApp:
                                                      thread_ts=root if root and root != ts else None)
         except SlackApiError as exc:
             log.warning("slack: could not answer a reaction on message %s: %s", ts, error_code(exc))
+
+    async def _on_sheet_reaction(self, user: str, emoji: str, channel: str, ts: str) -> None:
+        reply = await self.commands.groups.react(Actor(PLATFORM, user), emoji, platform=PLATFORM, channel_id=channel,
+                                                 message_id=ts)
+        if reply is not None and reply.text:
+            await self.client.chat_postEphemeral(channel=channel, user=user, text=slack_text(reply.text))
 
     async def _thread_root(self, job: StoredJob, channel: str, ts: str) -> str:
         """A job made by a reaction answers in the thread of the image reacted to (Slack threads

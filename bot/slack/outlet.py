@@ -270,6 +270,15 @@ class SlackOutlet:
             ts = status.message_id if status else file_id
         return MessageRef(channel, ts)
 
+    async def post_sheet(self, job: StoredJob, sheet_id: str, png: bytes, caption: str) -> MessageRef:
+        """A /compare or /sweep contact sheet in ``job``'s channel (its number reactions go on the message)."""
+        channel, thread = job.origin.channel_id, job.origin.thread_id or None
+        response = await self._call(job, self._client.files_upload_v2, channel=channel, file=png,
+                                    filename=f"{sheet_id}-sheet.png", title=messages.clip(job.params.prompt, 80),
+                                    initial_comment=slack_text(caption), thread_ts=thread)
+        file_id = str(response["file"]["id"])
+        return MessageRef(channel, await self._shared_at(job, file_id, channel, thread) or file_id)
+
     async def find_result(self, job: StoredJob, status: MessageRef | None) -> MessageRef | None:
         """The message showing this bot's ``<job id>.png`` in the job's channel, uploaded since
         shortly before the job finished (files.list, then files.info for the share's ts)."""

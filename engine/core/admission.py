@@ -40,6 +40,23 @@ class Admission:
             raise UserQueueFullError(self.max_queued_per_user)
         self.hold(user)
 
+    def reserve_many(self, user: str, n: int) -> None:
+        """``n`` seats for ``user`` at once, or none (a /compare counts as four jobs)."""
+        if self.closed:
+            raise EngineClosedError("submit")
+        if self._total + n > self.max_queued_jobs:
+            raise QueueFullError(self.max_queued_jobs)
+        if self._held[user] + n > self.max_queued_per_user:
+            error = UserQueueFullError(self.max_queued_per_user)
+            if n > 1:  # the sentence names the group's size, what is held and the cap
+                error.user_message = (f"This asks for {n} jobs at once and you have {self._held[user]} waiting; "
+                                      f"one person may queue at most {self.max_queued_per_user}, so none of "
+                                      "them was queued. Please wait for some to finish.")
+                error.args = (error.user_message,)
+            raise error
+        for _ in range(n):
+            self.hold(user)
+
     def hold(self, user: str) -> None:
         """A seat without the checks: a job accepted by an earlier run, taken back at start."""
         self._held[user] += 1

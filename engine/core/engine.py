@@ -21,8 +21,9 @@ from engine.config import Config
 from engine.core.admission import Admission
 from engine.core.dispatch import STOPPED_MESSAGE, Dispatcher
 from engine.core.job import JobHandle, LiveJob, user_key
-from engine.core.normalise import clean_prompt, normalise, requested_model
+from engine.core.normalise import check_request, clean_prompt, normalise, requested_model
 from engine.core.plan import CostBook, QueuePlan, recorded_busy_s
+from engine.core.presets import ModelPresets
 from engine.core.runner import JobRunner, default_runner_blocking
 from engine.errors import EngineClosedError
 from engine.workers import WorkerThread
@@ -75,6 +76,7 @@ class Engine(Dispatcher):
         self._plan_cache: QueuePlan | None = None
         self._publish_pending = False
         self.device: Any = None
+        self.presets: ModelPresets | None = None  # set on entry: steps/guidance chosen from /sweep sheets
 
     # -- lifetime --------------------------------------------------------------------------
 
@@ -89,6 +91,8 @@ class Engine(Dispatcher):
                                                         busy_timeout_s=self.config.history.busy_timeout_s)
             self._executor.start()
             try:
+                self.presets = ModelPresets(self.config, self._history)
+                await self.presets.load()
                 # 2. the GPU thread, the runner, the ETAs; 3. the jobs an earlier run left
                 self._runner = await self._executor.submit(self._setup_blocking)
                 await self._seed_timings()
@@ -230,6 +234,30 @@ class Engine(Dispatcher):
         explicit = requested_model(request, self.config)
         user = user_key(request)
         self._admission.reserve(user)  # raises: closing, queue full, this user at the cap
+        return await self._enter(request, prompt, explicit, user)
+
+    async def submit_group(self, requests: list[JobRequest]) -> list[JobHandle]:
+        """Several jobs of one user (/compare, /sweep), admitted whole or not at all: every seat is
+        checked and taken in one step before the first await, so a group never runs in part."""
+        if not requests or len({user_key(r) for r in requests}) != 1:
+            raise ValueError("a group is one or more requests of one user")
+        for r in requests:  # every field of every request first: a bad one refuses the group before any seat
+            check_request(r, self.config)
+        checked = [(r, clean_prompt(r.prompt, self.config.limits), requested_model(r, self.config)) for r in requests]
+        user = user_key(requests[0])
+        self._admission.reserve_many(user, len(requests))  # raises: closing, queue full, this user's cap
+        entries = [asyncio.ensure_future(self._enter(r, prompt, explicit, user)) for r, prompt, explicit in checked]
+        done = await asyncio.gather(*entries, return_exceptions=True)
+        handles = [h for h in done if isinstance(h, JobHandle)]
+        failure = next((e for e in done if isinstance(e, BaseException)), None)
+        if failure is not None:  # one could not be recorded: the rest are taken back, not run in part
+            for handle in handles:
+                await self.cancel(handle.id)
+            raise failure
+        return handles
+
+    async def _enter(self, request: JobRequest, prompt: str, explicit: str | None, user: str) -> JobHandle:
+        """The seat is taken: route, record and queue the job, or give the seat back."""
         self._admission.entering()
         try:
             params = await self._route(request, prompt, explicit)
@@ -248,7 +276,10 @@ class Engine(Dispatcher):
             decision = explicit_choice(explicit, self.config)
         else:  # a near tie goes to a model that is already loaded
             decision = await self._router.route(prompt, resident=self._resident_ids())
-        return normalise(request, self.config.model(decision.model_id), self.config, route_reason=decision.reason)
+        spec = self.config.model(decision.model_id)
+        if self.presets is not None:  # a /sweep preset stands over config.toml's steps and guidance
+            spec = self.presets.apply(spec)
+        return normalise(request, spec, self.config, route_reason=decision.reason)
 
     async def _record_and_queue(self, request: JobRequest, params: GenerationParams, explicit: str | None) -> JobHandle:
         """The seat is held: record the job, then queue it on that seat (or give it back)."""

@@ -12,6 +12,7 @@
     files.py       image paths, ``write_atomic`` (the engine's one atomic writer), pruning files
     errors.py      ``HistoryError`` and its family, ``StorageError``
     lock.py        ``DataFolderLock``: one process runs the jobs of a data folder
+    presets.py     ``PresetStore``: model presets from /sweep, contact sheets and their picks
 """
 
 from engine.history.dedup import SeenKeys
@@ -20,6 +21,7 @@ from engine.history.errors import DuplicateJobError, HistoryError, JobFinishedEr
 from engine.history.files import IMAGES_DIR, thumbnail_path, write_atomic
 from engine.history.gallery import OUTCOMES, Facets, Gallery, GalleryPage, GalleryQuery
 from engine.history.lock import LOCK_NAME, DataFolderLock
+from engine.history.presets import SHEET_KINDS, Preset, PresetStore, SheetRecord
 from engine.history.records import ID_ALPHABET, ID_LENGTH, AttemptRecord, DeliveryRecord, StoredJob, new_job_id
 from engine.history.schema import (
     APPLICATION_ID,
@@ -38,5 +40,6 @@ __all__ = [
     "JobFinishedError", "LOCK_NAME", "MIGRATIONS", "ModelStats", "SCHEMA_VERSION", "SeenKeys", "StorageError", "StoredJob",
     "UnknownJobError", "new_job_id", "write_atomic",
     "Facets", "Gallery", "GalleryPage", "GalleryQuery", "OUTCOMES", "thumbnail_path",
+    "Preset", "PresetStore", "SHEET_KINDS", "SheetRecord",
     "DayRow", "Histogram", "HistoryTimeline", "TIME_BUCKETS", "Timeline", "Totals",
 ]

@@ -6,6 +6,8 @@ run in order at open, each in its own transaction. Never edit a released script:
 ('' for older jobs). 4: ``seen_keys`` (platform ids already handled, such as Slack event ids, kept
 for a while: dedup.py). 5: ``jobs_fts``, a full-text index of the prompts (FTS5, trigram: any script,
 emoji and substrings), kept in step by triggers and filled from the jobs already there (gallery.py).
+6: ``model_presets`` (a model's steps/guidance set by /sweep, over config.toml: presets.py) and ``sheets``
+(the contact sheets of /compare and /sweep: which jobs, which message shows them, the tile picked).
 """
 
 from __future__ import annotations
@@ -127,7 +129,33 @@ INSERT INTO jobs_fts (jobs_fts) VALUES ('rebuild');  -- the jobs recorded before
 CREATE INDEX jobs_by_model ON jobs (model_used, seq);
 """
 
-MIGRATIONS: list[str] = [_SCHEMA_V1, _V2_NSFW_ALLOWED, _V3_ORIGIN_SERVER, _V4_SEEN_KEYS, _V5_PROMPT_SEARCH]
+_V6_PRESETS_AND_SHEETS = """
+-- a model's default steps and guidance chosen from a /sweep sheet: over config.toml's, until /preset reset
+CREATE TABLE model_presets (
+    model_id  TEXT PRIMARY KEY,
+    steps     INTEGER NOT NULL,
+    guidance  REAL    NOT NULL,
+    set_by    TEXT    NOT NULL,                       -- "discord:1234", who reacted
+    set_at    REAL    NOT NULL
+) WITHOUT ROWID;
+-- a contact sheet of /compare or /sweep: its jobs in tile order, the message that shows it, the pick
+CREATE TABLE sheets (
+    id          TEXT PRIMARY KEY,
+    kind        TEXT NOT NULL CHECK (kind IN ('compare', 'sweep')),
+    job_ids     TEXT NOT NULL,                        -- JSON list, tile order
+    platform    TEXT NOT NULL,
+    channel_id  TEXT NOT NULL DEFAULT '',
+    message_id  TEXT NOT NULL DEFAULT '',             -- '' until posted
+    picked      INTEGER,                              -- 1-based tile, NULL until someone picks
+    picked_by   TEXT,
+    picked_at   REAL,
+    created_at  REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX sheets_by_message ON sheets (platform, channel_id, message_id);
+"""
+
+MIGRATIONS: list[str] = [_SCHEMA_V1, _V2_NSFW_ALLOWED, _V3_ORIGIN_SERVER, _V4_SEEN_KEYS, _V5_PROMPT_SEARCH,
+                         _V6_PRESETS_AND_SHEETS]
 """``MIGRATIONS[v]`` upgrades a file from ``user_version`` v to v + 1."""
 SCHEMA_VERSION = len(MIGRATIONS)
 
