@@ -18,7 +18,7 @@ from engine.core.plan import QueuePlanner
 from engine.core.runner import RunOutput
 from engine.errors import EngineError, JobCancelledError
 from engine.workers import WorkerThread
-from engine.history import Deliveries, HistoryStore, SeenKeys, StorageError
+from engine.history import Deliveries, HistoryStore, RoutingFeedback, SeenKeys, StorageError
 from engine.jobs import (
     JobCancelled,
     JobEvent,
@@ -61,6 +61,11 @@ class Dispatcher(QueuePlanner):
     def deliveries(self) -> Deliveries:
         """Which chat messages show which job: the bot records and looks up its messages here."""
         return Deliveries(self.history)
+
+    @property
+    def feedback(self) -> RoutingFeedback:
+        """Users' own model choices (routing feedback), the learned examples, the learns."""
+        return RoutingFeedback(self.history)
 
     @property
     def dedup(self) -> SeenKeys:

@@ -6,6 +6,9 @@ run in order at open, each in its own transaction. Never edit a released script:
 ('' for older jobs). 4: ``seen_keys`` (platform ids already handled, such as Slack event ids, kept
 for a while: dedup.py). 5: ``jobs_fts``, a full-text index of the prompts (FTS5, trigram: any script,
 emoji and substrings), kept in step by triggers and filled from the jobs already there (gallery.py).
+7 (placed after the presets' 6 at merge): ``routing_feedback`` (model switches, compare picks, explicit
+--model choices), ``learned_examples`` (the embedding stage's community examples), ``router_learns``
+(every ``router learn``: check-set accuracy before and after, applied or refused): feedback.py.
 """
 
 from __future__ import annotations
@@ -127,7 +130,47 @@ INSERT INTO jobs_fts (jobs_fts) VALUES ('rebuild');  -- the jobs recorded before
 CREATE INDEX jobs_by_model ON jobs (model_used, seq);
 """
 
-MIGRATIONS: list[str] = [_SCHEMA_V1, _V2_NSFW_ALLOWED, _V3_ORIGIN_SERVER, _V4_SEEN_KEYS, _V5_PROMPT_SEARCH]
+_V7_ROUTING_FEEDBACK = """
+-- routing feedback: a user's own choice of model for a prompt (docs/ROUTER.md, "Learning from the
+-- community"). One row per (kind, job, user): eight reactions on one result by one user count once.
+CREATE TABLE routing_feedback (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    created_at    REAL    NOT NULL,
+    kind          TEXT    NOT NULL CHECK (kind IN ('switch', 'compare_pick', 'explicit')),
+    prompt        TEXT    NOT NULL,
+    chosen_model  TEXT    NOT NULL,
+    router_pick   TEXT,                               -- NULL: the router was not asked (--model)
+    from_model    TEXT,                               -- switch: the model of the result reacted to
+    server_id     TEXT    NOT NULL DEFAULT '',        -- jobs.origin_server_id
+    job_id        TEXT    NOT NULL DEFAULT '',        -- switch: the result; explicit: the job; compare_pick: the caller's id
+    user_key      TEXT    NOT NULL DEFAULT '',        -- "discord:1234"
+    UNIQUE (kind, job_id, user_key)
+);
+CREATE INDEX routing_feedback_by_prompt ON routing_feedback (prompt, user_key);
+
+-- the examples `promptpics router learn` added to the embedding stage (global; capped per model)
+CREATE TABLE learned_examples (
+    prompt     TEXT PRIMARY KEY,                      -- normalised: lower case, single spaces
+    model_id   TEXT NOT NULL,
+    weight     REAL NOT NULL,
+    added_at   REAL NOT NULL
+) WITHOUT ROWID;
+
+-- every learn, applied or refused, with its check-set figures and the thresholds it fitted
+CREATE TABLE router_learns (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    at            REAL    NOT NULL,
+    applied       INTEGER NOT NULL CHECK (applied IN (0, 1)),
+    check_before  REAL    NOT NULL,                   -- strict accuracy on the check set
+    check_after   REAL    NOT NULL,
+    added         INTEGER NOT NULL,
+    removed       INTEGER NOT NULL,
+    thresholds    TEXT    NOT NULL                    -- JSON {model id: similarity}
+);
+"""
+
+MIGRATIONS: list[str] = [_SCHEMA_V1, _V2_NSFW_ALLOWED, _V3_ORIGIN_SERVER, _V4_SEEN_KEYS, _V5_PROMPT_SEARCH,
+                         _V7_ROUTING_FEEDBACK]
 """``MIGRATIONS[v]`` upgrades a file from ``user_version`` v to v + 1."""
 SCHEMA_VERSION = len(MIGRATIONS)
 
