@@ -141,7 +141,7 @@ CREATE TABLE routing_feedback (
     chosen_model  TEXT    NOT NULL,
     router_pick   TEXT,                               -- NULL: the router was not asked (--model)
     from_model    TEXT,                               -- switch: the model of the result reacted to
-    server_id     TEXT    NOT NULL DEFAULT '',        -- jobs.origin_server_id
+    server_id     TEXT    NOT NULL DEFAULT '',        -- the server the choice was made in (Origin.server_id)
     job_id        TEXT    NOT NULL DEFAULT '',        -- switch: the result; explicit: the job; compare_pick: the caller's id
     user_key      TEXT    NOT NULL DEFAULT '',        -- "discord:1234"
     UNIQUE (kind, job_id, user_key)
