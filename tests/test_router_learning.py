@@ -19,12 +19,14 @@ import pytest
 from bot.commands import Actor, AdminPolicy, Commands
 from bot.settings import BotSettings
 from engine import Config, Engine, HistoryStore, JobRequest, Origin, Requester, RoutingFeedback
-from engine.history import SCHEMA_VERSION, LearnRun
+from engine.history import SCHEMA_VERSION, FeedbackRecord, LearnedExample, LearnRun
 from engine.router import CascadeRouter, read_examples
 from engine.router.learn import CHECK_STAGES, LearnOptions, learn, learned_router, learned_state
+from engine.router.learning import Confirmed, confirmed_examples, merge_examples
 from tests.conftest import REPO
 
 HELD_OUT = REPO / "bench" / "router_heldout.jsonl"
+IDS = ("flux_dev", "realvis_xl", "sd3_medium", "logo_sdxl")
 GAMES = ["minecraft", "fortnite", "valorant", "roblox", "overwatch", "terraria", "halo", "destiny", "warframe",
          "runescape", "rocket league", "hearthstone", "dota", "rust"]
 VIDEOS = ["video", "speedrun", "let's play", "montage", "tutorial", "review", "stream highlights"]
@@ -231,3 +233,30 @@ def test_learn_options_default_to_the_documented_rule() -> None:
     options = LearnOptions()
     assert dict(options.weights) == {"switch": 1.0, "compare_pick": 1.0, "explicit": 0.5}
     assert (options.min_weight, options.cap_per_model) == (1.0, 100)
+
+
+# -- the rule, on its own ------------------------------------------------------------------------
+
+
+def row(kind: str, prompt: str, model: str, user: str, at: float) -> FeedbackRecord:
+    return FeedbackRecord(at, kind, prompt, model, user_key=user, job_id=f"{user}-{at}")
+
+
+def test_a_users_latest_choice_counts_and_explicit_choices_weigh_half() -> None:
+    rows = [
+        row("switch", "a fox", "sd3_medium", "u1", 1), row("switch", "A  Fox", "logo_sdxl", "u1", 2),  # u1 changed their mind
+        row("explicit", "a heron", "realvis_xl", "u1", 1),  # one explicit choice: 0.5, not enough
+        row("explicit", "a crane", "realvis_xl", "u1", 1), row("explicit", "a crane", "realvis_xl", "u2", 2),
+        row("switch", "a wolf", "sd3_medium", "u1", 1), row("compare_pick", "a wolf", "logo_sdxl", "u2", 2),  # split
+        row("switch", "a bear", "dalle", "u3", 1),  # not a configured model
+    ]
+    confirmed = {c.prompt: (c.model_id, c.weight) for c in confirmed_examples(rows, IDS)}
+    assert confirmed == {"a fox": ("logo_sdxl", 1.0), "a crane": ("realvis_xl", 1.0)}
+
+
+def test_the_learned_set_is_capped_per_model_oldest_out_and_relabelled_in_place() -> None:
+    old = [LearnedExample(f"p{i}", "sd3_medium", 1.0, float(i)) for i in range(3)]
+    new = [Confirmed("p0", "logo_sdxl", 1.0), Confirmed("p9", "sd3_medium", 2.0), Confirmed("p1", "sd3_medium", 1.0)]
+    merged = merge_examples(old, new, now=10.0, cap_per_model=2)
+    assert [(e.prompt, e.model_id, e.added_at) for e in merged] == [
+        ("p2", "sd3_medium", 2.0), ("p0", "logo_sdxl", 10.0), ("p9", "sd3_medium", 10.0)]
