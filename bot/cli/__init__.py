@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_web_command(commands)
     for subcommand in commands.choices.values():  # every one, those added later included
         add_global_options(subcommand, in_subcommand=True)
+        for nested in (p for a in subcommand._actions if isinstance(a, argparse._SubParsersAction)
+                       for p in a.choices.values()):  # `router learn`
+            add_global_options(nested, in_subcommand=True)
     return parser
 
 
