@@ -180,7 +180,8 @@ async def test_a_dry_run_shows_the_change_and_keeps_everything(tiny_config: Conf
         assert await RoutingFeedback(store).last_learn(applied_only=False) is None
 
 
-async def test_learned_examples_persist_across_a_restart(tiny_config: Config) -> None:
+async def test_learned_examples_persist_across_a_restart(tiny_config: Config,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
     config = offline(tiny_config)
     train = thumbnails(16, seed=4)
     fresh = thumbnails(4, seed=5, avoid=frozenset(train))
@@ -193,6 +194,9 @@ async def test_learned_examples_persist_across_a_restart(tiny_config: Config) ->
         handles = [await engine.submit(JobRequest(p, steps=1, width=64, height=64)) for p in fresh]
         assert [h.params.model_id for h in handles] == ["sd3_medium"] * len(fresh)
         assert all(h.params.route_reason.startswith("like the examples of") for h in handles)
+    args = cli("route", fresh[0], "--json", "--stages", "rules,embeddings")  # `route` reads them too
+    assert await args.run(config, args) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == "sd3_medium"
 
 
 # -- the switch-away rate ------------------------------------------------------------------------

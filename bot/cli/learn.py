@@ -15,7 +15,18 @@ from typing import Any
 
 from bot.cli.preflight import hub_sources, settle_offline
 from bot.cli.profile import prepare
-from engine import Config, HistoryStore, LearnOptions, LearnOutcome, RoutingFeedback, learn_router, read_router_examples
+from engine import (
+    CascadeRouter,
+    Config,
+    HistoryError,
+    HistoryStore,
+    LearnOptions,
+    LearnOutcome,
+    RoutingFeedback,
+    learn_router,
+    learned_for_router,
+    read_router_examples,
+)
 
 # The frozen check set: the repository's own held-out prompts (never the dev set, whose figures stay honest).
 DEFAULT_CHECK = Path(__file__).resolve().parents[2] / "bench" / "router_heldout.jsonl"
@@ -54,6 +65,21 @@ async def cmd_router_learn(config: Config, args: argparse.Namespace) -> int:
     else:
         print("\n".join(outcome_lines(outcome, args.dry_run)))
     return 1 if outcome.refused else 0
+
+
+async def use_learned(config: Config, router: CascadeRouter) -> int:
+    """Give a stand-alone router (`route`, `eval-router`) what `router learn` applied, as the bot's
+    router has it; the history is only read. Returns how many learned examples it got."""
+    if not (config.data_dir / "promptpics.sqlite3").is_file():
+        return 0
+    try:
+        async with HistoryStore.open(config.data_dir, busy_timeout_s=config.history.busy_timeout_s, read_only=True) as store:
+            learned, thresholds = await learned_for_router(RoutingFeedback(store), router.settings)
+    except HistoryError:  # an older history (no learn yet) or an unreadable one: the configured router
+        return 0
+    if learned or thresholds:
+        router.use_learned(learned, thresholds)
+    return sum(len(texts) for texts in learned.values())
 
 
 def outcome_json(o: LearnOutcome, dry_run: bool) -> dict[str, Any]:

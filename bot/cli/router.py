@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bot.cli.learn import add_learn_command
+from bot.cli.learn import add_learn_command, use_learned
 from bot.cli.preflight import hub_sources, settle_offline
 from bot.cli.profile import prepare
 from engine import (
@@ -74,6 +74,7 @@ async def cmd_route(config: Config, args: argparse.Namespace) -> int:
     timeout = max(config.router.llm_timeout_s, ONE_SHOT_LLM_TIMEOUT_S)
     config = config.model_copy(update={"router": config.router.model_copy(update={"llm_timeout_s": timeout})})
     async with CascadeRouter(config) as router:
+        await use_learned(config, router)  # as the bot routes: with what `router learn` applied
         started = time.perf_counter()
         decision = await router.route(args.prompt)
         total_ms = (time.perf_counter() - started) * 1000
@@ -113,6 +114,7 @@ async def cmd_eval_router(config: Config, args: argparse.Namespace) -> int:
         print(f"promptpics: {args.file} holds no prompts", file=sys.stderr)
         return 2
     async with CascadeRouter(config) as router:
+        await use_learned(config, router)
         await router.warm_up()  # loading is not routing: keep it out of the latency figures
         report = await evaluate_router(router, examples, model_ids)
         report["stages"] = list(config.router.stages)

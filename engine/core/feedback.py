@@ -8,8 +8,7 @@ from typing import Any
 
 from engine.history import HistoryError, RoutingFeedback, StoredJob
 from engine.jobs import JobRequest
-from engine.router.learn import learned_state
-from engine.router.learning import learned_by_model
+from engine.router.learn import learned_for_router
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +43,10 @@ async def start_with_learned(router: Any, feedback: RoutingFeedback) -> int:
     use = getattr(router, "use_learned", None)
     if use is None:
         return 0
-    learned, thresholds = await learned_state(feedback)
+    learned, thresholds = await learned_for_router(feedback, router.settings)
     if not learned and not thresholds:
         return 0
-    use(learned_by_model(router.settings.examples, learned), thresholds)
-    log.info("router: %d learned example(s) from the community in use", len(learned))
-    return len(learned)
+    use(learned, thresholds)
+    count = sum(len(texts) for texts in learned.values())
+    log.info("router: %d learned example(s) from the community in use", count)
+    return count

@@ -69,6 +69,12 @@ async def learned_state(feedback: RoutingFeedback) -> tuple[list[LearnedExample]
     return await feedback.learned(), dict(last.thresholds) if last else {}
 
 
+async def learned_for_router(feedback: RoutingFeedback, settings: RouterConfig) -> tuple[dict[str, tuple[str, ...]], dict[str, float]]:
+    """``CascadeRouter.use_learned``'s arguments: the learned examples per model, the applied thresholds."""
+    learned, thresholds = await learned_state(feedback)
+    return learned_by_model(settings.examples, learned), thresholds
+
+
 async def learn(config: Config, feedback: RoutingFeedback, check: Sequence[Example], *,
                 options: LearnOptions = LearnOptions(), encoder_loader: EncoderLoader | None = None,
                 now: float | None = None) -> LearnOutcome:
