@@ -53,7 +53,7 @@ from engine import (
     Timings,
 )
 from engine.config import parse_config
-from engine.history import Deliveries, HistoryStore, StoredJob
+from engine.history import Deliveries, HistoryStore, RoutingFeedback, StoredJob
 from tests.conftest import REPO, repo_config_raw
 
 ALICE = Actor("chat", "alice", "Alice")
@@ -148,6 +148,10 @@ class FakeEngine:
     @property
     def deliveries(self) -> Deliveries:
         return Deliveries(self.history)
+
+    @property
+    def feedback(self) -> RoutingFeedback:
+        return RoutingFeedback(self.history)
 
 
 class Clock:

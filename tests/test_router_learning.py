@@ -208,7 +208,7 @@ async def test_stats_show_the_switch_away_rate_before_and_after_the_last_learn(t
 
     config = offline(tiny_config)
     async with Engine(config) as engine:
-        commands = Commands(engine, BotSettings(cooldown_s=0), {"discord": AdminPolicy()})
+        commands = Commands(engine, BotSettings(cooldown_s=0), {"discord": AdminPolicy(user_ids=frozenset({"root"}))})
         first = [await engine.submit(JobRequest(p, model="flux_dev", steps=1, width=64, height=64)) for p in ("a fox", "an owl")]
         for h in first:
             await h.result()
@@ -219,6 +219,9 @@ async def test_stats_show_the_switch_away_rate_before_and_after_the_last_learn(t
         later = await engine.submit(JobRequest("a heron", model="flux_dev", steps=1, width=64, height=64))
         await later.result()
         rates = {a.model_id: a for a in await engine.feedback.switch_away()}
+        reply = await commands.stats(Actor("discord", "root"))  # /stats in the chat says it too
+    assert "`flux_dev`: 3 job(s)" in reply.text
+    assert "switched away from 1 of 3 results, 33% (50% before the last router learn, 0% after)" in reply.text
     flux = rates["flux_dev"]
     assert (flux.switched, flux.rate_before, flux.rate_after) == (1, 0.5, 0.0)
     parser = argparse.ArgumentParser(prog="promptpics")

@@ -243,7 +243,8 @@ class Commands:
     async def stats(self, actor: Actor) -> Reply:
         if refused := self._refuse(actor, "stats"):
             return refused
-        return Reply(messages.stats_reply(await self.engine.history.model_stats()))
+        stats = await self.engine.history.model_stats()
+        return Reply(messages.stats_reply(stats, await self.engine.feedback.switch_away()))
 
     # -- one line of text: the terminal, and Slack's `/promptpics <command>` ------------------
 
