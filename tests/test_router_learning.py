@@ -256,6 +256,8 @@ def test_a_users_latest_choice_counts_and_explicit_choices_weigh_half() -> None:
         row("explicit", "a crane", "realvis_xl", "u1", 1), row("explicit", "a crane", "realvis_xl", "u2", 2),
         row("switch", "a wolf", "sd3_medium", "u1", 1), row("compare_pick", "a wolf", "logo_sdxl", "u2", 2),  # split
         row("switch", "a bear", "dalle", "u3", 1),  # not a configured model
+        row("explicit", "a swan", "flux_dev", "u1", 1), row("explicit", "a swan", "sd3_medium", "u1", 2),  # trying out
+        row("explicit", "a swan", "sd3_medium", "u2", 3),
     ]
     confirmed = {c.prompt: (c.model_id, c.weight) for c in confirmed_examples(rows, IDS)}
     assert confirmed == {"a fox": ("logo_sdxl", 1.0), "a crane": ("realvis_xl", 1.0)}

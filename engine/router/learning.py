@@ -2,7 +2,9 @@
 
 The rule (docs/ROUTER.md, "Learning from the community"):
 1. One voice per user and prompt: of a user's rows for a prompt (compared lower-cased, spaces
-   collapsed), only the latest counts, so A -> B -> C by one user is one vote for C.
+   collapsed), only the latest counts, so A -> B -> C by one user is one vote for C. A user whose
+   latest row is an explicit --model but who named several models for the prompt (trying them
+   out, a /compare's renders) has no voice until they switch or pick.
 2. Weights: a model switch by reaction and a /compare pick count 1.0; an explicit --model 0.5
    (the user may just want that model, not think the router wrong).
 3. A prompt is confirmed for model M when M's weight is at least ``min_weight`` (1.0: one switch
@@ -39,11 +41,18 @@ def confirmed_examples(rows: Iterable[FeedbackRecord], model_ids: Iterable[str],
     """The prompts the feedback confirms, in order of their last row."""
     known = set(model_ids)
     latest: dict[tuple[str, str], FeedbackRecord] = {}
+    asked: dict[tuple[str, str], set[str]] = {}  # the models a user named with --model for a prompt
     for row in sorted(rows, key=lambda r: r.created_at):  # 1. a user's latest row per prompt
         if row.chosen_model in known:
-            latest[(prompt_key(row.prompt), row.user_key or f"job:{row.job_id}")] = row
+            voice = (prompt_key(row.prompt), row.user_key or f"job:{row.job_id}")
+            latest[voice] = row
+            if row.kind == "explicit":
+                asked.setdefault(voice, set()).add(row.chosen_model)
     totals: dict[str, dict[str, float]] = {}
-    for (key, _), row in latest.items():  # 2. weights per prompt and model
+    for voice, row in latest.items():  # 2. weights per prompt and model
+        if row.kind == "explicit" and len(asked[voice]) > 1:  # trying several models (a /compare's renders) is no choice
+            continue
+        key = voice[0]
         per_model = totals.setdefault(key, {})
         per_model[row.chosen_model] = per_model.get(row.chosen_model, 0.0) + weights.get(row.kind, 0.0)
     confirmed = []
