@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from engine import EngineError, GenerationParams, ModelStats, QueueEntry, StoredJob, Timings
+from engine import EngineError, GenerationParams, ModelStats, QueueEntry, StoredJob, SwitchAway, Timings
 
 log = logging.getLogger(__name__)
 
@@ -223,15 +223,30 @@ def queue_reply(entries: Sequence[QueueEntry]) -> str:
     return "\n".join(lines)
 
 
-def stats_reply(stats: Iterable[ModelStats]) -> str:
+def stats_reply(stats: Iterable[ModelStats], away: Iterable[SwitchAway] = ()) -> str:
+    """``away``: the switch-away rates (a routing-miss signal), before/after the last `router learn`."""
+    rates = {a.model_id: a for a in away}
     lines = []
     for s in stats:
         mean = "-" if s.mean_generate_s is None else duration(s.mean_generate_s)
         p95 = "-" if s.p95_generate_s is None else duration(s.p95_generate_s)
         lines.append(f"`{s.model_id}`: {s.count} job(s), {s.succeeded} ok, {s.failed} failed; "
                      f"generate mean {mean}, p95 {p95}; flagged nsfw {s.nsfw_flagged}, black {s.black_flagged}; "
-                     f"fixed by rewrite {s.fixed_by_rewrite}, fell back {s.fell_back}, refused {s.refused}")
+                     f"fixed by rewrite {s.fixed_by_rewrite}, fell back {s.fell_back}, refused {s.refused}"
+                     + _switch_away(rates.get(s.model_id)))
     return "Per model:\n" + "\n".join(lines) if lines else "No jobs yet."
+
+
+def _switch_away(a: SwitchAway | None) -> str:
+    if a is None or not a.switched:
+        return ""
+    learn = "" if a.rate_before is None else f" ({_percent(a.rate_before)} before the last router learn, " \
+        f"{_percent(a.rate_after)} after)"
+    return f"; switched away from {a.switched} of {a.results} results, {_percent(a.rate)}{learn}"
+
+
+def _percent(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate:.0%}"
 
 
 def history_reply(jobs: Sequence[StoredJob]) -> str:

@@ -42,6 +42,9 @@ from engine.history import (
     PresetStore,
     SheetRecord,
     Histogram,
+    LearnedExample,
+    RoutingFeedback,
+    SwitchAway,
     ModelStats,
     SeenKeys,
     StorageError,
@@ -80,6 +83,8 @@ from engine.router import CascadeRouter
 from engine.router import evaluate as evaluate_router
 from engine.router import format_report as format_router_report
 from engine.router import read_examples as read_router_examples
+from engine.router.learn import LearnOptions, LearnOutcome, learned_for_router
+from engine.router.learn import learn as learn_router
 from engine.safety import BlankImageError, ImageRefusedError, UnsafeContentError
 from engine.tiny import ensure_tiny_models
 from engine.weights import (
@@ -122,6 +127,9 @@ __all__ = [
     "check_request", "missing_weights", "source_state",
     # the router on its own: `promptpics route` and `promptpics eval-router`
     "CascadeRouter", "ROUTER_STAGES", "evaluate_router", "format_router_report", "read_router_examples",
+    # routing feedback and `promptpics router learn` (docs/ROUTER.md, "Learning from the community")
+    "LearnOptions", "LearnOutcome", "LearnedExample", "RoutingFeedback", "SwitchAway", "learn_router",
+    "learned_for_router",
     # model weights: `promptpics download` and `promptpics doctor`
     "DownloadInterruptedError", "DownloadPlan", "Hub", "WeightsError", "WeightsState", "WeightsTarget", "check_disk", "fetch", "free_bytes",
     "human_bytes", "llm_targets", "plan_download", "weight_targets", "weights_state",

@@ -26,6 +26,7 @@ SMALLEST: dict[str, list[str]] = {
     "preview_safety.py": ["--runs", "1", "--sides", "64"],
     "router_eval.py": ["--profile", "tiny", "--stages", "rules,embeddings"],
     "router_fit.py": ["--precision", "0.5"],
+    "router_learning.py": ["--train", "8", "--fresh", "8", "--dev", "bench/router_heldout.jsonl"],
     "router_gpu_check.py": ["cpu"],
     "safety_detectors.py": ["--runs", "1"],
     "web.py": ["--jobs", "20", "--requests", "2"],

@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, list[str]] = {
     "stats": ["stats"],
     "route": ["route", "a fox"],
     "eval-router": ["eval-router", "prompts.jsonl"],
+    "router": ["router", "learn"],
     "chat": ["chat"],
     "run": ["run"],
     "sync-commands": ["sync-commands"],

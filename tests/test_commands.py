@@ -53,7 +53,7 @@ from engine import (
     Timings,
 )
 from engine.config import parse_config
-from engine.history import Deliveries, HistoryStore, StoredJob
+from engine.history import Deliveries, HistoryStore, RoutingFeedback, StoredJob
 from tests.conftest import REPO, repo_config_raw
 
 ALICE = Actor("chat", "alice", "Alice")
@@ -113,6 +113,7 @@ class FakeEngine:
     cancelled: list[str] = field(default_factory=list)
     snapshot: list[QueueEntry] = field(default_factory=list)
     subscribers: list[asyncio.Queue[Any]] = field(default_factory=list)
+    switches: list[tuple[str, str, str]] = field(default_factory=list)  # routing feedback: (job, model, user)
 
     async def submit(self, request: JobRequest) -> FakeHandle:
         if request.steps == 0:
@@ -122,6 +123,10 @@ class FakeEngine:
 
     def status(self, job_id: str) -> JobStatus | None:
         return self.statuses.get(job_id)
+
+    async def record_switch(self, job: StoredJob, chosen_model: str, user_key: str) -> bool:
+        self.switches.append((job.id, chosen_model, user_key))
+        return True
 
     async def cancel(self, job_id: str) -> bool:
         self.cancelled.append(job_id)
@@ -143,6 +148,10 @@ class FakeEngine:
     @property
     def deliveries(self) -> Deliveries:
         return Deliveries(self.history)
+
+    @property
+    def feedback(self) -> RoutingFeedback:
+        return RoutingFeedback(self.history)
 
 
 class Clock:
@@ -231,6 +240,7 @@ async def test_reactions_regenerate_switch_and_cancel(config: Config, history: H
     regenerate, switch = commands.engine.submitted
     assert (regenerate.model, regenerate.steps, regenerate.guidance, regenerate.seed) == ("flux_dev", 24, 4.5, None)
     assert (switch.model, switch.steps, switch.guidance, switch.seed) == ("realvis_xl", None, None, 7)
+    assert commands.engine.switches == [(job.id, "realvis_xl", "chat:bob")]  # routing feedback, the regenerate is none
     assert all(r.prompt == "a castle" and r.negative_prompt == "fog" and r.width == 512 and r.origin == here
                and r.requester.user_id == "bob" for r in (regenerate, switch))
 

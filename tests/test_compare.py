@@ -22,7 +22,7 @@ from engine import Config, Engine, JobStatus, Origin, QueueFullError
 from engine.core.admission import Admission
 from engine.history import SCHEMA_VERSION, HistoryStore, PresetStore
 from tests.conftest import make_tiny_config
-from tests.fake_discord import ADMIN, BOB, FakeDiscord
+from tests.fake_discord import ADMIN, BOB, GUILD_ID, FakeDiscord
 from tests.test_console import promptpics, run_chat
 from tests.test_discord import bot as discord_bot
 from tests.test_discord import fake  # noqa: F401  (the fixture)
@@ -232,7 +232,11 @@ async def test_compare_on_discord_posts_four_images_and_a_sheet_whose_number_rec
         await fake.react(sheet["id"], "2️⃣", user_id=BOB)
         answer = await fake.wait_for(lambda: [m for m in fake.channel_messages() if m["reference"] == sheet["id"]])
         record = await running.core.engine.presets_store.sheet(sheet_id)
+        feedback = [r for r in await running.core.engine.feedback.rows() if r.kind == "compare_pick"]
     assert len(job_ids) == 4 and len(results) == 4
+    # The pick is routing feedback for `router learn` (docs/ROUTER.md), made in this server.
+    assert [(r.prompt, r.chosen_model, r.job_id, r.user_key, r.server_id) for r in feedback] == [
+        ("a red fox in the snow", "realvis_xl", sheet_id, f"discord:{BOB}", str(GUILD_ID))]
     assert fake.reactions[int(sheet["id"])] == ["1️⃣", "2️⃣", "3️⃣", "4️⃣"]
     assert all(name in sheet["content"] for name in ("FLUX.1-dev 🎨", "RealVisXL V4.0 📷", "HiDream-I1 (text & logos) 🔤"))
     with Image.open(io.BytesIO(sheet["files"][f"{sheet_id}-sheet.png"])) as opened:

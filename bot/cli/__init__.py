@@ -3,7 +3,7 @@ config, builds and passes in.
 
 - jobs.py: imagine, history, show, stats, models (one-shot, on their own engine or the history)
 - serve.py: chat (the terminal) and run (every chat platform whose token is set), sync-commands
-- router.py: route and eval-router (the router on its own)
+- router.py: route and eval-router (the router on its own); learn.py: router learn (from routing feedback)
 - download.py: download (the models' weights from the hub)
 - doctor.py, platform_checks.py: doctor (what will and won't work, and why)
 - plan.py: plan (the placement planner for a card)
@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_web_command(commands)
     for subcommand in commands.choices.values():  # every one, those added later included
         add_global_options(subcommand, in_subcommand=True)
+        for nested in (p for a in subcommand._actions if isinstance(a, argparse._SubParsersAction)
+                       for p in a.choices.values()):  # `router learn`
+            add_global_options(nested, in_subcommand=True)
     return parser
 
 

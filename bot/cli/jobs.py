@@ -32,6 +32,8 @@ from engine import (
     JobRequest,
     JobStarted,
     RequestError,
+    RoutingFeedback,
+    SwitchAway,
     StoredJob,
     check_request,
     describe_models,
@@ -203,9 +205,15 @@ async def cmd_show(config: Config, args: argparse.Namespace) -> int:
 
 async def cmd_stats(config: Config, args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
+    away: dict[str, SwitchAway] = {}
     if has_history(config):
         async with read_history(config) as store:
             rows = [dataclasses.asdict(s) for s in await store.model_stats()]
+            away = {a.model_id: a for a in await RoutingFeedback(store).switch_away()}
+    for r in rows:  # the switch-away rate: a routing-miss signal, before/after the last `router learn`
+        a = away.get(r["model_id"])
+        r["switch_away"] = {"results": a.results, "switched": a.switched, "rate": a.rate, "before_learn": a.rate_before,
+                            "after_learn": a.rate_after} if a else None
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -219,7 +227,23 @@ async def cmd_stats(config: Config, args: argparse.Namespace) -> int:
         print(f"{r['model_id']:<11} {r['count']:>5} {r['succeeded']:>5} {r['failed']:>6} {mean:>7} {p95:>7} "
               f"{r['nsfw_flagged']:>5} {r['black_flagged']:>5} {r['fixed_by_rewrite']:>5} {r['fell_back']:>9} "
               f"{r['refused']:>7}")
+    print_switch_away([r for r in rows if r["switch_away"]])
     return 0
+
+
+def print_switch_away(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    print("\nswitch-away rate: results someone switched to another model from (before -> after the last router learn)")
+    for r in rows:
+        a = r["switch_away"]
+        change = "" if a["before_learn"] is None and a["after_learn"] is None else \
+            f"   {_pct(a['before_learn'])} -> {_pct(a['after_learn'])}"
+        print(f"{r['model_id']:<11} {a['switched']:>4} of {a['results']:<5} {_pct(a['rate']):>6}{change}")
+
+
+def _pct(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate:.1%}"
 
 
 # C0 and C1 controls and DEL: a chat user's prompt with ESC [2J or an OSC title sequence must not

@@ -1,5 +1,5 @@
-"""The router's subcommands of ``promptpics``: ``route`` (one prompt: which model, and why) and
-``eval-router`` (a labelled JSONL file: accuracy, recall, confusion, latency).
+"""The router's subcommands of ``promptpics``: ``route`` (one prompt: which model, and why),
+``eval-router`` (a labelled JSONL file: accuracy, recall, confusion, latency) and ``router learn`` (learn.py).
 
 Each handler is ``async def cmd_x(config, args) -> int``. The engine's router modules load
 torch and transformers lazily, inside the router's own threads; nothing here imports them.
@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bot.cli.learn import add_learn_command, use_learned
 from bot.cli.preflight import hub_sources, settle_offline
 from bot.cli.profile import prepare
 from engine import (
@@ -49,6 +50,7 @@ def add_router_commands(subparsers: Any) -> None:
     evaluate.add_argument("--json", action="store_true", help="one JSON object")
     evaluate.add_argument("--stages", help=STAGE_HELP)
     evaluate.set_defaults(run=cmd_eval_router)
+    add_learn_command(subparsers)  # `router learn`
 
 
 def _with_stages(config: Config, stages: str | None) -> Config:
@@ -72,6 +74,7 @@ async def cmd_route(config: Config, args: argparse.Namespace) -> int:
     timeout = max(config.router.llm_timeout_s, ONE_SHOT_LLM_TIMEOUT_S)
     config = config.model_copy(update={"router": config.router.model_copy(update={"llm_timeout_s": timeout})})
     async with CascadeRouter(config) as router:
+        await use_learned(config, router)  # as the bot routes: with what `router learn` applied
         started = time.perf_counter()
         decision = await router.route(args.prompt)
         total_ms = (time.perf_counter() - started) * 1000
@@ -111,6 +114,7 @@ async def cmd_eval_router(config: Config, args: argparse.Namespace) -> int:
         print(f"promptpics: {args.file} holds no prompts", file=sys.stderr)
         return 2
     async with CascadeRouter(config) as router:
+        await use_learned(config, router)
         await router.warm_up()  # loading is not routing: keep it out of the latency figures
         report = await evaluate_router(router, examples, model_ids)
         report["stages"] = list(config.router.stages)

@@ -81,11 +81,18 @@ class Groups:
     def __init__(self, host: Host, cooldowns: Cooldowns) -> None:
         self.host, self._cooldowns = host, cooldowns
         self.outlets: dict[str, SheetOutlet] = {}
-        self.pick_listeners: list[Callable[[ComparePick], Awaitable[None] | None]] = [on_compare_pick]
+        self.pick_listeners: list[Callable[[ComparePick], Awaitable[None] | None]] = [on_compare_pick, self._feedback]
         self.jobs: deque[str] = deque(maxlen=JOBS_REMEMBERED)  # group jobs asked for (the terminal waits for them)
         self._tasks: set[asyncio.Task[None]] = set()
 
     COMMANDS = ("compare", "sweep", "preset", "pick")
+
+    async def _feedback(self, pick: ComparePick) -> None:
+        """A pick is routing feedback ("compare_pick", docs/ROUTER.md): once per sheet and person."""
+        first = await self.host.engine.history.get_job(pick.job_ids[0]) if pick.job_ids else None
+        await self.host.engine.record_feedback(
+            "compare_pick", pick.prompt, pick.chosen_model, router_pick=pick.router_model,
+            server_id=first.origin.server_id if first is not None else "", job_id=pick.sheet_id, user_key=pick.picked_by)
 
     async def run_line(self, actor: Actor, name: str, rest: str, origin: Origin) -> Reply:
         """One of ``COMMANDS`` typed as text (the terminal, Slack's ``/promptpics``)."""

@@ -157,6 +157,7 @@ class Commands:
                                      p.width, p.height, seed=None)
             return await self.imagine(actor, options, origin, adult_channel=adult_channel)
         if action.kind is ReactionKind.SWITCH_MODEL:  # same picture asked of another model, at its own defaults
+            await self.engine.record_switch(job, action.model_id or "", f"{actor.platform}:{actor.user_id}")
             options = ImagineOptions(p.prompt, action.model_id, p.negative_prompt or None, None, None,
                                      p.width, p.height, seed=p.seed)
             return await self.imagine(actor, options, origin, adult_channel=adult_channel)
@@ -249,7 +250,8 @@ class Commands:
     async def stats(self, actor: Actor) -> Reply:
         if refused := self._refuse(actor, "stats"):
             return refused
-        return Reply(messages.stats_reply(await self.engine.history.model_stats()))
+        stats = await self.engine.history.model_stats()
+        return Reply(messages.stats_reply(stats, await self.engine.feedback.switch_away()))
 
     # -- one line of text: the terminal, and Slack's `/promptpics <command>` ------------------
 

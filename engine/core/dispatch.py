@@ -18,7 +18,7 @@ from engine.core.plan import QueuePlanner
 from engine.core.runner import RunOutput
 from engine.errors import EngineError, JobCancelledError
 from engine.workers import WorkerThread
-from engine.history import Deliveries, HistoryStore, PresetStore, SeenKeys, StorageError
+from engine.history import Deliveries, HistoryStore, PresetStore, RoutingFeedback, SeenKeys, StorageError
 from engine.jobs import (
     JobCancelled,
     JobEvent,
@@ -66,6 +66,11 @@ class Dispatcher(QueuePlanner):
     def presets_store(self) -> PresetStore:
         """Model presets and contact sheets (/sweep, /compare), kept across restarts."""
         return PresetStore(self.history)
+
+    @property
+    def feedback(self) -> RoutingFeedback:
+        """Users' own model choices (routing feedback), the learned examples, the learns."""
+        return RoutingFeedback(self.history)
 
     @property
     def dedup(self) -> SeenKeys:

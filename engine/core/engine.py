@@ -20,6 +20,7 @@ from typing import Any
 from engine.config import Config
 from engine.core.admission import Admission
 from engine.core.dispatch import STOPPED_MESSAGE, Dispatcher
+from engine.core.feedback import explicit_fields, record_quietly, start_with_learned, switch_fields
 from engine.core.job import JobHandle, LiveJob, user_key
 from engine.core.normalise import check_request, clean_prompt, normalise, requested_model
 from engine.core.plan import CostBook, QueuePlan, recorded_busy_s
@@ -96,6 +97,7 @@ class Engine(Dispatcher):
                 # 2. the GPU thread, the runner, the ETAs; 3. the jobs an earlier run left
                 self._runner = await self._executor.submit(self._setup_blocking)
                 await self._seed_timings()
+                await start_with_learned(self._router, self.feedback)  # what `router learn` applied
                 await self._take_back_unfinished()
                 if self.config.history.keep_images_days:
                     await self.history.prune_images(self.config.history.keep_images_days)
@@ -292,6 +294,8 @@ class Engine(Dispatcher):
         except BaseException:
             self._admission.release(user_key(request))
             raise
+        if explicit:  # routing feedback, the weaker kind (docs/ROUTER.md)
+            await record_quietly(self.feedback, "explicit", **explicit_fields(stored.id, request, params.prompt, explicit))
         job = LiveJob(id=stored.id, request=request, params=params, events=asyncio.Queue(), created_at=created)
         if self._closing:  # stopped while it was being recorded: it is kept, and runs after the next start
             self._admission.release(job.user_key)
@@ -324,6 +328,17 @@ class Engine(Dispatcher):
         job.cancelled_by_user = True
         job.cancel.set()  # the step callback sees it on the GPU thread
         return True
+
+    async def record_feedback(self, kind: str, prompt: str, chosen_model: str, **fields: Any) -> bool:
+        """Routing feedback: ``kind`` "switch", "compare_pick" or "explicit"; ``fields``: router_pick,
+        from_model, server_id, job_id, user_key (RoutingFeedback.record). False: already there, or
+        not recorded (logged; feedback never fails a command)."""
+        return await record_quietly(self.feedback, kind, prompt=prompt, chosen_model=chosen_model, **fields)
+
+    async def record_switch(self, job: StoredJob, chosen_model: str, user_key: str) -> bool:
+        """A model-switch reaction on ``job``'s result by ``user_key`` ("discord:1234"): once per (job, user)."""
+        fields = switch_fields(job, chosen_model, user_key)
+        return fields is not None and await record_quietly(self.feedback, "switch", **fields)
 
     def status(self, job_id: str) -> JobStatus | None:
         job = self._jobs.get(job_id)

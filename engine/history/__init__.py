@@ -4,6 +4,7 @@
     database.py    the connection: open (checks, pragmas, migrations), close, cancel-safe ``_write``
     store.py       ``HistoryStore``: a job's life (queued, attempts, finished), reads, pruning
     deliveries.py  ``Deliveries``: which chat message shows which job (``engine.deliveries``)
+    feedback.py    ``RoutingFeedback``: users' model choices, learned router examples, learns (``engine.feedback``)
     dedup.py       ``SeenKeys``: platform ids already handled, with a TTL (``engine.dedup``)
     records.py     plain data returned (``StoredJob``, ``AttemptRecord``, ``DeliveryRecord``), job ids
     stats.py       ``ModelStats``: the per-model queries and their aggregation
@@ -17,6 +18,7 @@
 
 from engine.history.dedup import SeenKeys
 from engine.history.deliveries import Deliveries
+from engine.history.feedback import FEEDBACK_KINDS, FeedbackRecord, LearnedExample, LearnRun, RoutingFeedback, SwitchAway
 from engine.history.errors import DuplicateJobError, HistoryError, JobFinishedError, StorageError, UnknownJobError
 from engine.history.files import IMAGES_DIR, thumbnail_path, write_atomic
 from engine.history.gallery import OUTCOMES, Facets, Gallery, GalleryPage, GalleryQuery
@@ -41,5 +43,6 @@ __all__ = [
     "UnknownJobError", "new_job_id", "write_atomic",
     "Facets", "Gallery", "GalleryPage", "GalleryQuery", "OUTCOMES", "thumbnail_path",
     "Preset", "PresetStore", "SHEET_KINDS", "SheetRecord",
+    "FEEDBACK_KINDS", "FeedbackRecord", "LearnRun", "LearnedExample", "RoutingFeedback", "SwitchAway",
     "DayRow", "Histogram", "HistoryTimeline", "TIME_BUCKETS", "Timeline", "Totals",
 ]

@@ -8,6 +8,9 @@ for a while: dedup.py). 5: ``jobs_fts``, a full-text index of the prompts (FTS5,
 emoji and substrings), kept in step by triggers and filled from the jobs already there (gallery.py).
 6: ``model_presets`` (a model's steps/guidance set by /sweep, over config.toml: presets.py) and ``sheets``
 (the contact sheets of /compare and /sweep: which jobs, which message shows them, the tile picked).
+7: ``routing_feedback`` (model switches, compare picks, explicit
+--model choices), ``learned_examples`` (the embedding stage's community examples), ``router_learns``
+(every ``router learn``: check-set accuracy before and after, applied or refused): feedback.py.
 """
 
 from __future__ import annotations
@@ -154,8 +157,47 @@ CREATE TABLE sheets (
 CREATE INDEX sheets_by_message ON sheets (platform, channel_id, message_id);
 """
 
+_V7_ROUTING_FEEDBACK = """
+-- routing feedback: a user's own choice of model for a prompt (docs/ROUTER.md, "Learning from the
+-- community"). One row per (kind, job, user): eight reactions on one result by one user count once.
+CREATE TABLE routing_feedback (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    created_at    REAL    NOT NULL,
+    kind          TEXT    NOT NULL CHECK (kind IN ('switch', 'compare_pick', 'explicit')),
+    prompt        TEXT    NOT NULL,
+    chosen_model  TEXT    NOT NULL,
+    router_pick   TEXT,                               -- NULL: the router was not asked (--model)
+    from_model    TEXT,                               -- switch: the model of the result reacted to
+    server_id     TEXT    NOT NULL DEFAULT '',        -- the server the choice was made in (Origin.server_id)
+    job_id        TEXT    NOT NULL DEFAULT '',        -- switch: the result; explicit: the job; compare_pick: the caller's id
+    user_key      TEXT    NOT NULL DEFAULT '',        -- "discord:1234"
+    UNIQUE (kind, job_id, user_key)
+);
+CREATE INDEX routing_feedback_by_prompt ON routing_feedback (prompt, user_key);
+
+-- the examples `promptpics router learn` added to the embedding stage (global; capped per model)
+CREATE TABLE learned_examples (
+    prompt     TEXT PRIMARY KEY,                      -- normalised: lower case, single spaces
+    model_id   TEXT NOT NULL,
+    weight     REAL NOT NULL,
+    added_at   REAL NOT NULL
+) WITHOUT ROWID;
+
+-- every learn, applied or refused, with its check-set figures and the thresholds it fitted
+CREATE TABLE router_learns (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    at            REAL    NOT NULL,
+    applied       INTEGER NOT NULL CHECK (applied IN (0, 1)),
+    check_before  REAL    NOT NULL,                   -- strict accuracy on the check set
+    check_after   REAL    NOT NULL,
+    added         INTEGER NOT NULL,
+    removed       INTEGER NOT NULL,
+    thresholds    TEXT    NOT NULL                    -- JSON {model id: similarity}
+);
+"""
+
 MIGRATIONS: list[str] = [_SCHEMA_V1, _V2_NSFW_ALLOWED, _V3_ORIGIN_SERVER, _V4_SEEN_KEYS, _V5_PROMPT_SEARCH,
-                         _V6_PRESETS_AND_SHEETS]
+                         _V6_PRESETS_AND_SHEETS, _V7_ROUTING_FEEDBACK]
 """``MIGRATIONS[v]`` upgrades a file from ``user_version`` v to v + 1."""
 SCHEMA_VERSION = len(MIGRATIONS)
 

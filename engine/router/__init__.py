@@ -7,6 +7,9 @@
                     model), fit_thresholds, and the torch thread setting of the embedding thread
     llm_stage.py    the LLM stage's prompt and scoring: each model id's log-probability as the answer
     evaluate.py     accuracy, recall, confusion and latency of a router on a labelled JSONL file
+    learning.py     the rule that confirms routing feedback as examples; the capped learned set (pure)
+    learn.py        ``router learn``: confirm, merge, refit, check before/after, apply or refuse
+                    (imported as ``engine.router.learn``: it reads the history)
 
 The ``[router]`` settings live in engine.config (RouterConfig). Importing this package loads no torch.
 See docs/ROUTER.md.

@@ -43,6 +43,7 @@ from engine.router.embeddings import (
     EmbeddingUnavailable,
     ExampleIndex,
     SentenceEncoder,
+    fit_thresholds,
     limit_torch_threads,
     load_shared_encoder_blocking,
     shared_index_blocking,
@@ -119,8 +120,10 @@ class CascadeRouter:
         llm: Callable[[], ChatLLM] | None = None,
         encoder_loader: EncoderLoader | None = None,
         index_wait_s: float | None = None,
+        learned: Mapping[str, tuple[str, ...]] | None = None,
     ) -> None:
         self._config = config
+        self._learned = dict(learned or {})  # `router learn`'s examples per model (learning.py)
         # how long a prompt waits for the embedded examples while they load: None, as long as
         # embedding_load_timeout_s (stand-alone `route`); the engine's router waits a moment
         # only, so the first prompts after start-up are never held up by the load
@@ -219,7 +222,7 @@ class CascadeRouter:
 
     async def _by_embeddings(self, prompt: str) -> _Answer | None:
         s = self.settings
-        if not s.examples:
+        if not s.examples and not self._learned:
             return None
         index = await self._example_index()
         if index is None:
@@ -260,9 +263,9 @@ class CascadeRouter:
         s = self.settings
         if self._encoder_loader is load_shared_encoder_blocking:  # the production encoder: shared by every router in the process
             return shared_index_blocking(s.embedding_model, s.embedding_max_tokens, s.embedding_dtype, tuple(s.examples.items()),
-                                 s.embedding_top_k)
+                                 s.embedding_top_k, tuple(self._learned.items()))
         encoder = self._encoder_loader(s.embedding_model, s.embedding_max_tokens, s.embedding_dtype)
-        return ExampleIndex(encoder, dict(s.examples), s.embedding_top_k)
+        return ExampleIndex(encoder, dict(s.examples), s.embedding_top_k, self._learned)
 
     def _switch_embeddings_off(self, exc: BaseException) -> None:
         if self._embeddings_off:
@@ -339,6 +342,22 @@ class CascadeRouter:
                 await self._on_llm_thread(self._router_llm_blocking)
             except Exception as exc:
                 self._switch_llm_off(exc)
+
+    def use_learned(self, learned: Mapping[str, tuple[str, ...]], thresholds: Mapping[str, float]) -> None:
+        """Route with these learned examples per model and thresholds from now on (``router learn``'s,
+        at start); the examples are embedded again on the next prompt."""
+        self._learned = dict(learned)
+        self.settings = self.settings.model_copy(update={"thresholds": {**self.settings.thresholds, **thresholds}})
+        self._index = self._index_task = None
+
+    async def refit_thresholds(self, precision: float = 0.9) -> dict[str, float]:
+        """The thresholds ``fit_thresholds`` gives by leave-one-out over this router's examples
+        (as bench/router_fit.py does); empty when the embedding stage is off."""
+        index = await self._example_index(full_wait=True)
+        if index is None:
+            return {}
+        samples = await self._in_embed_thread(index.leave_one_out_blocking)
+        return fit_thresholds(samples, precision=precision)
 
     @property
     def stages_off(self) -> dict[str, str]:

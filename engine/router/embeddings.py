@@ -140,17 +140,30 @@ class SentenceEncoder:
         return torch.nn.functional.normalize(embedded.float(), dim=-1)
 
 
+# A learned example (``router learn``) speaks only for prompts at least this similar to it: the
+# community's examples come in clusters of near-duplicates ("thumbnail for my <game> video"), and
+# without a floor such a cluster fills a model's top k for any prompt that shares a word or two
+# ("retro", "epic") and pulls it away (measured: docs/ROUTER.md, "Learning from the community").
+LEARNED_MIN_SIMILARITY = 0.5
+
+
 class ExampleIndex:
     """Per-model example utterances, embedded once; a prompt's score per model is the mean
     cosine similarity of its ``top_k`` closest examples of that model (a soft k-nearest-
-    neighbours vote that one odd example cannot swing)."""
+    neighbours vote that one odd example cannot swing). ``learned`` examples count only where
+    their similarity reaches ``learned_floor``."""
 
-    def __init__(self, encoder: SentenceEncoder, examples: dict[str, tuple[str, ...]], top_k: int) -> None:
+    def __init__(self, encoder: SentenceEncoder, examples: dict[str, tuple[str, ...]], top_k: int,
+                 learned: dict[str, tuple[str, ...]] | None = None,
+                 learned_floor: float = LEARNED_MIN_SIMILARITY) -> None:
         self.encoder = encoder
         self.top_k = top_k
-        self.labels: list[str] = [m for m, texts in examples.items() for _ in texts]
-        self.model_ids = tuple(examples)
-        texts = [t for ts in examples.values() for t in ts]
+        learned = learned or {}
+        self.labels: list[str] = [m for group in (examples, learned) for m, texts in group.items() for _ in texts]
+        self.model_ids = tuple(dict.fromkeys([*examples, *learned]))
+        texts = [t for group in (examples, learned) for ts in group.values() for t in ts]
+        configured = sum(len(ts) for ts in examples.values())
+        self._floors = [-2.0] * configured + [learned_floor] * (len(texts) - configured)
         self._vectors = self._encode_in_batches(texts)
 
     def _encode_in_batches(self, texts: Sequence[str], batch: int = 32) -> Any:
@@ -168,7 +181,7 @@ class ExampleIndex:
         sims = (self._vectors @ vector).tolist()
         by_model: dict[str, list[float]] = {m: [] for m in self.model_ids}
         for i, (label, sim) in enumerate(zip(self.labels, sims, strict=True)):
-            if i != exclude:
+            if i != exclude and sim >= self._floors[i]:
                 by_model[label].append(sim)
         return {m: _mean_top(values, self.top_k) for m, values in by_model.items()}
 
@@ -226,11 +239,12 @@ def load_shared_encoder_blocking(source: str, max_tokens: int, dtype: str) -> Se
 
 
 def shared_index_blocking(source: str, max_tokens: int, dtype: str,
-                          examples: tuple[tuple[str, tuple[str, ...]], ...], top_k: int) -> ExampleIndex:
-    key = (source, max_tokens, dtype, examples, top_k)
+                          examples: tuple[tuple[str, tuple[str, ...]], ...], top_k: int,
+                          learned: tuple[tuple[str, tuple[str, ...]], ...] = ()) -> ExampleIndex:
+    key = (source, max_tokens, dtype, examples, top_k, learned)
     with _shared_lock:
         index = _indexes.get(key)
         if index is None:
             encoder = load_shared_encoder_blocking(source, max_tokens, dtype)
-            index = _indexes[key] = ExampleIndex(encoder, dict(examples), top_k)
+            index = _indexes[key] = ExampleIndex(encoder, dict(examples), top_k, dict(learned))
         return index
