@@ -158,3 +158,26 @@ def test_promptpics_plan_says_which_shares_it_used(tmp_path: Path) -> None:
     assert out["shares"] is None and out["shares_source"] == "no history yet"
     bad = promptpics(env, "plan", "--gpu-gb", "24", "--shares", "flux_dev=lots")
     assert bad.returncode != 0 and "--shares flux_dev" in bad.stderr and "lots" in bad.stderr
+
+
+async def test_auto_placement_at_start_up_plans_with_the_history_shares(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from engine.core.engine import Engine
+    from engine.history import HistoryStore
+    from engine.placement import start
+
+    raw = repo_config_raw()
+    raw["engine"]["placement"] = "auto"
+    for mid in FOUR:
+        raw["models"][mid].pop("offload", None)
+    config = parse_config(raw, {}, base_dir=REPO)
+    async with HistoryStore.open(tmp_path) as store:  # no jobs yet: equal shares
+        assert await Engine._traffic(SimpleNamespace(config=config, _history=store)) is None  # type: ignore[arg-type]
+    monkeypatch.setattr(start, "measure_card_blocking", lambda device=None: (24.0, False))
+    planned = start.auto_placement_blocking(config, SimpleNamespace(type="cuda"), TRAFFIC)
+    assert planned.model("realvis_xl").quant.denoiser == "int8" and planned.model("realvis_xl").offload == "none"
+    assert planned.model("flux_dev").quant.text_encoders == {"text_encoder_2": "int8"}
+    equal = start.auto_placement_blocking(config, SimpleNamespace(type="cuda"), None)
+    assert equal.model("realvis_xl").quant.denoiser == "bf16"
