@@ -154,9 +154,10 @@ class Placement:
     label: str = ""
 
 
-def auto_placements(gpu_gb: float, reserve_gb: float, ram_gb: float, exclusive: list[str]) -> dict[str, Placement]:
-    """The placement planner's plan for this card, with its cost model ([Q], [L])."""
-    plan_ = plan_placements(FAMILY, gpu_gb, reserve_gb=reserve_gb, ram_gb=ram_gb, exclusive=exclusive)
+def auto_placements(gpu_gb: float, reserve_gb: float, ram_gb: float, exclusive: list[str],
+                    shares: dict[str, float] | None = None) -> dict[str, Placement]:
+    """The placement planner's plan for this card (``shares``: the trace's jobs per model), with its cost model ([Q], [L])."""
+    plan_ = plan_placements(FAMILY, gpu_gb, reserve_gb=reserve_gb, ram_gb=ram_gb, exclusive=exclusive, shares=shares)
     out = {}
     for mid, p in plan_.models.items():
         c = COSTS[mid]
@@ -405,7 +406,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     common = dict(gpu_gb=args.gpu_gb, ram_gb=args.ram_gb, reserve_gb=args.reserve_gb, config=config)
     affinity = AffinityScheduler(sched_settings.max_passed_over, sched_settings.max_extra_wait_s)
     exclusive = [mid for mid, spec in config.models.items() if spec.exclusive]
-    chosen = auto_placements(args.gpu_gb, args.reserve_gb, args.ram_gb, exclusive) if args.placement == "auto" else plan_
+    shares = {m: sum(a.model_id == m for a in trace) / len(trace) for m in COSTS}  # what the history would say
+    chosen = auto_placements(args.gpu_gb, args.reserve_gb, args.ram_gb, exclusive, shares) if args.placement == "auto" else plan_
     out: dict[str, Any] = {}
     for name, scheduler, seed_rule in (("fifo", FifoScheduler(), True), ("fifo_budget", FifoScheduler(), False),
                                        ("affinity", affinity, False)):

@@ -33,6 +33,7 @@ from engine.jobs import EngineEvent, GenerationParams, JobCancelled, JobFailed, 
 from engine.llm import ChatLLM, LLMCache
 from engine.pipelines import configure_torch_blocking, resolve_device_blocking, resolve_dtype
 from engine.placement.start import auto_placement_blocking
+from engine.placement.traffic import RECENT_JOBS
 from engine.residency import ResidencyStatus, ResidentModel
 from engine.router import Router, build_router, explicit_choice
 from engine.scheduler import RoundRobin, make_scheduler
@@ -95,7 +96,8 @@ class Engine(Dispatcher):
                 self.presets = ModelPresets(self.config, self._history)
                 await self.presets.load()
                 # 2. the GPU thread, the runner, the ETAs; 3. the jobs an earlier run left
-                self._runner = await self._executor.submit(self._setup_blocking)
+                shares = await self._traffic()
+                self._runner = await self._executor.submit(functools.partial(self._setup_blocking, shares))
                 await self._seed_timings()
                 await start_with_learned(self._router, self.feedback)  # what `router learn` applied
                 await self._take_back_unfinished()
@@ -121,12 +123,18 @@ class Engine(Dispatcher):
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    def _setup_blocking(self) -> JobRunner:
+    async def _traffic(self) -> dict[str, float] | None:
+        """The history's recent jobs per model, for ``engine.placement = "auto"`` (None: count equally)."""
+        if self.config.placement != "auto" or self._history is None:
+            return None
+        return await self._history.model_shares(RECENT_JOBS) or None
+
+    def _setup_blocking(self, shares: dict[str, float] | None = None) -> JobRunner:
         device = resolve_device_blocking(self.config.device)
         configure_torch_blocking(device)
         self.device = device
         # runs before the dispatcher starts: nothing reads the config concurrently yet
-        self.config = auto_placement_blocking(self.config, device)
+        self.config = auto_placement_blocking(self.config, device, shares)
         return self._runner_factory(self.config, device, resolve_dtype(device, self.config.cuda_dtype))
 
     def _llm_cache_blocking(self) -> LLMCache:

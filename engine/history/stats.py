@@ -47,6 +47,14 @@ SELECT model_id,
  GROUP BY model_id
 """
 
+# The share of recent jobs per model, any status (the placement planner's traffic): the model a
+# job ran on, newest ``:last`` jobs in arrival order (seq).
+RECENT_MODEL_COUNTS = """
+SELECT model_used AS model_id, count(*) AS count
+  FROM (SELECT model_used FROM jobs ORDER BY seq DESC LIMIT :last)
+ GROUP BY model_used
+"""
+
 GENERATE_TIMES = "SELECT model_used, generate_s FROM jobs WHERE status = 'succeeded' ORDER BY generate_s"
 
 
@@ -68,6 +76,13 @@ def aggregate(counts_rows: Iterable[sqlite3.Row], flags_rows: Iterable[sqlite3.R
             black_flagged=f["black"] if f else 0, fixed_by_rewrite=c["fixed"] if c else 0,
             fell_back=f["fell_back"] if f else 0, refused=c["refused"] if c else 0))
     return stats
+
+
+def shares(rows: Iterable[sqlite3.Row], min_jobs: int = 1) -> dict[str, float]:
+    """model id -> share of the jobs counted by ``RECENT_MODEL_COUNTS`` (empty: under ``min_jobs`` jobs)."""
+    counts = {r["model_id"]: r["count"] for r in rows}
+    total = sum(counts.values())
+    return {mid: n / total for mid, n in sorted(counts.items())} if total and total >= min_jobs else {}
 
 
 def _p95(values: list[float]) -> float | None:

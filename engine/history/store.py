@@ -271,6 +271,11 @@ class HistoryStore(Database):
         return stats.aggregate(await self._rows(stats.JOB_COUNTS), await self._rows(stats.ATTEMPT_FLAGS),
                                await self._rows(stats.GENERATE_TIMES))
 
+    async def model_shares(self, last: int = 500, *, min_jobs: int = 20) -> dict[str, float]:
+        """model id -> its share of the newest ``last`` jobs: the traffic the placement planner
+        serves first. Empty with fewer than ``min_jobs`` jobs (too few to say anything)."""
+        return stats.shares(await self._rows(stats.RECENT_MODEL_COUNTS, {"last": last}), min_jobs)
+
     async def prune_images(self, older_than_days: int, *, now: float | None = None) -> int:
         """Delete the images of jobs finished more than N days ago; rows stay, image_path becomes NULL."""
         if isinstance(older_than_days, bool) or not isinstance(older_than_days, int) or older_than_days < 0:

@@ -4,6 +4,7 @@ for that model (explicit per-model keys always win)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from engine.config import Config, ModelSpec, QuantSettings
 from engine.placement.planner import Plan, plan_placements
@@ -11,12 +12,14 @@ from engine.placement.planner import Plan, plan_placements
 log = logging.getLogger(__name__)
 
 
-def plan_for_config(config: Config, gpu_gb: float, *, fp8: bool = False) -> Plan:
-    """The plan for the models of ``config`` on a card of ``gpu_gb`` GiB (sizes by family)."""
+def plan_for_config(config: Config, gpu_gb: float, *, fp8: bool = False,
+                    shares: Mapping[str, float] | None = None) -> Plan:
+    """The plan for the models of ``config`` on a card of ``gpu_gb`` GiB (sizes by family);
+    ``shares``: each model's share of jobs (None: every model counts the same)."""
     families = {mid: spec.family for mid, spec in config.models.items()}
     return plan_placements(families, gpu_gb, reserve_gb=config.residency.reserve_gb,
                            ram_gb=config.residency.cpu_ram_gb, fp8=fp8,
-                           exclusive=[mid for mid, spec in config.models.items() if spec.exclusive])
+                           exclusive=[mid for mid, spec in config.models.items() if spec.exclusive], shares=shares)
 
 
 def explicit_keys(spec: ModelSpec) -> list[str]:

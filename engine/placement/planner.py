@@ -15,6 +15,12 @@ So 8-bit resident beats model offload, which beats nf4, which beats sequential o
 Llama text encoder (16 GB in bf16, the largest of any text encoder) is a part of its own: it
 may be 8-bit or nf4 while HiDream's T5 stays bf16, and under model offload it is on the card
 only while it encodes.
+
+Traffic (``shares``: each model's share of recent jobs, from the history or ``--shares``): the
+group made resident together is the one that serves the largest share of jobs without a load,
+quantising to 8-bit where that lets the busiest models fit together; among groups serving the
+same share, the least lossy, then the one with more models. Without shares every model counts
+the same, which is the old rule: the most models resident together, then the least loss.
 """
 
 from __future__ import annotations
@@ -97,11 +103,13 @@ def candidates(model_id: str, family: str, *, fp8: bool = False) -> list[Placeme
 
 
 def plan_placements(models: Mapping[str, str], gpu_gb: float, *, reserve_gb: float = 3.0, ram_gb: float = 0.0,
-                    fp8: bool = False, exclusive: Collection[str] = ()) -> Plan:
+                    fp8: bool = False, exclusive: Collection[str] = (),
+                    shares: Mapping[str, float] | None = None) -> Plan:
     """``models``: id -> family. Each model alone gets its least lossy placement that fits the
-    budget; then the largest group of models that fit together with 8-bit weights at most
-    (resident, no offload, no nf4) is made resident together, at the least total loss.
-    ``exclusive`` models run alone (``exclusive = true``): never part of a group."""
+    budget; then the group of models that fit together with 8-bit weights at most (resident,
+    no offload, no nf4) serving the largest share of jobs is made resident together, at the
+    least total loss. ``shares``: model id -> share of jobs (missing ids: 0); None counts every
+    model the same. ``exclusive`` models run alone (``exclusive = true``): never part of a group."""
     budget = Plan(gpu_gb, reserve_gb, ram_gb, fp8, {}).budget_gb
     options = {mid: candidates(mid, fam, fp8=fp8) for mid, fam in models.items()}
     chosen = {mid: next(p for p in opts if p.gb <= budget) for mid, opts in options.items()}
@@ -109,29 +117,42 @@ def plan_placements(models: Mapping[str, str], gpu_gb: float, *, reserve_gb: flo
     # quantised further only to share the card.
     ram_holds_all = ram_gb * GIB_IN_GB >= sum(p.total_gb for p in chosen.values())
     max_loss = 0 if ram_holds_all else 3 + len(COMPONENTS_GB["hidream"])  # 8-bit parts only
-    group = _best_group({m: o for m, o in options.items() if m not in exclusive}, budget, max_loss)
+    weights = dict.fromkeys(models, 1.0) if shares is None else {m: shares.get(m, 0.0) for m in models}
+    group = _best_group({m: o for m, o in options.items() if m not in exclusive}, budget, max_loss, weights)
     chosen.update({p.model_id: p for p in group})
     groups = _groups([p.model_id for p in group], chosen, budget, exclusive)
     return Plan(gpu_gb, reserve_gb, ram_gb, fp8, chosen, groups)
 
 
-def _best_group(options: Mapping[str, list[Placement]], budget: float, max_loss: int) -> list[Placement]:
-    """The most models resident together (then the least loss), each at most 8-bit."""
+def _best_group(options: Mapping[str, list[Placement]], budget: float, max_loss: int,
+                shares: Mapping[str, float]) -> list[Placement]:
+    """Two or more models resident together, each at most 8-bit: the largest share of jobs
+    served, then the least loss, then the most models, then the fewest GB."""
     sharing = {mid: [p for p in opts if p.offload == "none" and p.loss <= max_loss and p.gb <= budget]
                for mid, opts in options.items()}
     ids = [mid for mid, opts in sharing.items() if opts]
+    best: tuple[tuple[float, int, int, float], tuple[Placement, ...]] | None = None
     for size in range(len(ids), 1, -1):
-        best: tuple[int, float, tuple[Placement, ...]] | None = None
         for subset in itertools.combinations(ids, size):
-            for combo in itertools.product(*(sharing[mid] for mid in subset)):
-                gb = sum(p.gb for p in combo)
-                if gb <= budget:
-                    key = (sum(p.loss for p in combo), gb, combo)
-                    if best is None or key[:2] < best[:2]:
-                        best = key
-        if best is not None:
-            return list(best[2])
-    return []
+            served = round(sum(shares[mid] for mid in subset), 9)
+            if best is not None and -served > best[0][0]:
+                continue  # serves less than the best so far, whatever it costs
+            combo = _least_lossy_fit([sharing[mid] for mid in subset], budget)
+            if combo is not None:
+                key = (-served, sum(p.loss for p in combo), -size, sum(p.gb for p in combo))
+                if best is None or key < best[0]:
+                    best = (key, combo)
+    return list(best[1]) if best is not None else []
+
+
+def _least_lossy_fit(options: Sequence[list[Placement]], budget: float) -> tuple[Placement, ...] | None:
+    """One placement per model, all on the card together: the least total loss, then fewest GB."""
+    best: tuple[int, float, tuple[Placement, ...]] | None = None
+    for combo in itertools.product(*options):
+        gb = sum(p.gb for p in combo)
+        if gb <= budget and (best is None or (sum(p.loss for p in combo), gb) < best[:2]):
+            best = (sum(p.loss for p in combo), gb, combo)
+    return best[2] if best is not None else None
 
 
 def _groups(first: list[str], chosen: Mapping[str, Placement], budget: float,
