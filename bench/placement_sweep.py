@@ -28,13 +28,21 @@ def row(gpu_gb: float, seed: int, run: dict[str, Any]) -> str:
             f"{'yes' if t['met'] else 'no'} |")
 
 
+def seed_range(text: str) -> tuple[int, int]:
+    first, _, last = text.partition("-")
+    try:
+        return int(first), int(last or first)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a seed or a first-last range such as 1-10") from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--gpu-gb", type=float, nargs="+", default=[24, 32, 48, 80])
-    parser.add_argument("--seeds", default="1-10", help="first-last")
+    parser.add_argument("--seeds", default="1-10", type=seed_range, help="first-last, or one seed")
     parser.add_argument("--table", action="store_true", help="markdown rows per card and seed, then the summary")
     args = parser.parse_args()
-    first, last = (int(s) for s in args.seeds.split("-"))
+    first, last = args.seeds
     for gpu_gb in args.gpu_gb:
         seeds = range(first, last + 1)
         full = [one(gpu_gb, s) for s in seeds]

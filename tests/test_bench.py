@@ -30,8 +30,11 @@ SMALLEST: dict[str, list[str]] = {
     "router_gpu_check.py": ["cpu"],
     "safety_detectors.py": ["--runs", "1"],
     "web.py": ["--jobs", "20", "--requests", "2"],
+    "placement_sweep.py": ["--gpu-gb", "24", "--seeds", "1"],
     "scheduler.py": ["--jobs", "20", "--users", "3", "--gpu-gb", "24", "--placement", "auto"],
 }
+# Scripts that drive another bench script as a subprocess (whose own imports are checked here).
+DRIVES: dict[str, str] = {"placement_sweep.py": "scheduler.py"}
 # Run elsewhere with its smallest arguments: tests/test_engine_load.py checks every key it reports.
 RUN_ELSEWHERE = {"load.py"}
 # CUDA only (they exit with a readable line on a machine without it): --help and imports here.
@@ -76,7 +79,11 @@ def test_every_project_name_the_script_imports_exists(script: str) -> None:
                 importlib.import_module(f"{module_name}.{name}")
             except ModuleNotFoundError:
                 missing.append(f"{module_name}.{name}")
-    assert project_imports(script), f"{script} imports nothing from the project"
+    if script in DRIVES:
+        assert DRIVES[script] in (BENCH / script).read_text(encoding="utf-8")
+        assert project_imports(DRIVES[script]), f"{DRIVES[script]} imports nothing from the project"
+    else:
+        assert project_imports(script), f"{script} imports nothing from the project"
     assert not missing, f"{script} imports names that no longer exist: {missing}"
 
 
