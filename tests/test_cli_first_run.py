@@ -42,14 +42,19 @@ def one_refusal(done: subprocess.CompletedProcess[str], *expected: str, lines: i
 # -- 1. the most likely first mistake ----------------------------------------------------------------
 
 
-def test_imagine_without_weights_says_how_to_get_them_in_two_lines_and_two_seconds(fresh_env: dict[str, str]) -> None:
-    started = time.perf_counter()
+def no_engine_started(env: dict[str, str]) -> bool:
+    """Refused before any engine started: the history file was never opened (its time is for bench,
+    not a test: 0.77 s measured, docs in the issue's closing note)."""
+    return not (Path(env["PROMPTPICS_DATA_DIR"]) / "promptpics.sqlite3").exists()
+
+
+def test_imagine_without_weights_says_how_to_get_them_in_two_lines_before_any_engine_starts(
+        fresh_env: dict[str, str]) -> None:
     done = promptpics(fresh_env, "imagine", "a cat")
-    took = time.perf_counter() - started
     one_refusal(done, "flux_dev", "realvis_xl", "sd3_medium", "logo_sdxl", lines=3)
     last = done.stderr.strip().splitlines()[-1]
     assert "promptpics download" in last and "promptpics doctor" in last
-    assert took < 2.0, f"{took:.2f} s"
+    assert no_engine_started(fresh_env)
 
 
 def test_an_explicit_model_is_the_only_one_checked(fresh_env: dict[str, str], tmp_path: Path) -> None:
@@ -61,28 +66,52 @@ def test_an_explicit_model_is_the_only_one_checked(fresh_env: dict[str, str], tm
     assert "flux_dev" in one_refusal(done, lines=3) and "realvis_xl" not in done.stderr
 
 
+def test_chat_without_any_weights_is_refused_before_any_engine_starts(fresh_env: dict[str, str]) -> None:
+    done = promptpics(fresh_env, "chat")
+    one_refusal(done, "flux_dev", "logo_sdxl", lines=3)
+    assert "promptpics download" in done.stderr.strip().splitlines()[-1]
+    assert no_engine_started(fresh_env)
+
+
+def test_serving_with_some_weights_missing_warns_once_per_missing_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from bot.cli.preflight import check_serving_weights
+    from engine import load_config
+
+    config = (REPO / "config.toml").read_text(encoding="utf-8")
+    hub_ids = {"flux_dev": "black-forest-labs/FLUX.1-dev", "realvis_xl": "SG161222/RealVisXL_V4.0",
+               "sd3_medium": "stabilityai/stable-diffusion-3-medium-diffusers", "logo_sdxl": "HiDream-ai/HiDream-I1-Full",
+               "llama": "meta-llama/Meta-Llama-3.1-8B-Instruct"}
+    for name, hub_id in hub_ids.items():
+        folder = tmp_path / name
+        if name != "sd3_medium":  # the one left missing
+            folder.mkdir()
+        config = config.replace(f'"{hub_id}"', f'"{folder}"')
+    (tmp_path / "c.toml").write_text(config, encoding="utf-8")
+    monkeypatch.delenv("LOGO_SDXL_MODEL_ID", raising=False)
+    check_serving_weights(load_config(tmp_path / "c.toml", profile="real"), offline=True)
+    said = capsys.readouterr().err.strip().splitlines()
+    assert said == ["promptpics: warning: no weights on this machine for sd3_medium (missing folder): jobs routed "
+                    "to it fail until `promptpics download sd3_medium`"]
+
+
 def test_an_unreachable_hub_is_detected_once_and_route_does_not_wait_on_retries(fresh_env: dict[str, str]) -> None:
     env = {**fresh_env, "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens on the discard port
     del env["HF_HUB_OFFLINE"]
-    started = time.perf_counter()
     done = promptpics(env, "route", "a cat", "--stages", "llm")
-    took = time.perf_counter() - started
     assert done.returncode == 0, done.stderr
+    # No hub retries (51 s before: five per file, each printed): the hub was given up on once.
     assert "llm stage off" in done.stderr and "Retrying" not in done.stderr and "Traceback" not in done.stderr
-    assert took < 20.0, f"{took:.1f} s (51 s before: five hub retries per file)"
 
 
 # -- 2. fail fast ----------------------------------------------------------------------------------
 
 
-def test_a_bad_request_is_refused_in_under_a_second_with_the_engines_sentence(fresh_env: dict[str, str]) -> None:
-    code = ("import time, sys; from bot.cli import main; t = time.perf_counter(); rc = main(sys.argv[1:]); "
-            "print(f'{time.perf_counter() - t:.3f}', rc)")
-    done = subprocess.run([sys.executable, "-c", code, "imagine", "a cat", "--steps", "500"], cwd=REPO,
-                          env=fresh_env, capture_output=True, text=True, timeout=60)
-    took, rc = done.stdout.split()
-    assert rc == "2" and float(took) < 1.0, done.stdout
+def test_a_bad_request_is_refused_before_any_engine_starts_with_the_engines_sentence(fresh_env: dict[str, str]) -> None:
+    done = promptpics(fresh_env, "imagine", "a cat", "--steps", "500")
+    assert done.returncode == 2, done.stderr
     assert done.stderr.strip() == "promptpics: `steps` is 500, but it must be a whole number from 1 to 50"
+    assert no_engine_started(fresh_env)
 
 
 @pytest.mark.parametrize(("old", "new", "said"), [

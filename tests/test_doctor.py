@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +20,7 @@ from tests.conftest import REPO, promptpics
 
 
 def test_the_tiny_profile_can_serve_and_json_has_one_key_per_check(cli_env: dict[str, str]) -> None:
-    started = time.perf_counter()
     done = promptpics(cli_env, "--profile", "tiny", "doctor", "--json")
-    elapsed = time.perf_counter() - started
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(done.stdout)
     assert report["ok"] is True
@@ -32,7 +29,6 @@ def test_the_tiny_profile_can_serve_and_json_has_one_key_per_check(cli_env: dict
             "nudenet", "data folder", "data folder lock", "discord token", "slack token"} <= set(checks)
     assert all(c["status"] in ("ok", "warn") and c["detail"] for c in checks.values())
     assert checks["weights flux_dev"]["detail"].startswith("complete")
-    assert elapsed < 30, elapsed  # measured 5-6 s on the 2-core machine; the bound leaves room for its load
 
 
 def test_missing_weights_fail_and_name_promptpics_download(cli_env: dict[str, str], tmp_path: Path) -> None:

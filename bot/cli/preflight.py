@@ -147,6 +147,19 @@ def check_weights(config: Config, model_ids: Iterable[str], *, offline: bool) ->
                   f"promptpics: {NEXT_STEPS}.")
 
 
+def check_serving_weights(config: Config, *, offline: bool) -> None:
+    """``chat`` and ``run``: refused when no configured model has its weights here (nothing could
+    ever render); a warning line for each one missing otherwise (jobs routed to it would fail)."""
+    if config.profile == "tiny":
+        return
+    missing = missing_weights(config, config.models)
+    if len(missing) == len(config.models):
+        check_weights(config, config.models, offline=offline)
+    for model_id, why in missing.items():
+        print(f"promptpics: warning: no weights on this machine for {model_id} ({why}): jobs routed to it fail "
+              f"until `promptpics download {model_id}`", file=sys.stderr)
+
+
 # -- a closed stdout -------------------------------------------------------------------------------
 
 

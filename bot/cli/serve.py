@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TextIO
 
-from bot.cli.preflight import hub_sources, settle_offline
+from bot.cli.preflight import check_serving_weights, hub_sources, settle_offline
 from bot.cli.profile import prepare
 from bot.cli.webui import gallery_links, web_beside
 from bot.commands import AdminPolicy, Commands
@@ -94,7 +94,7 @@ class PlatformApp(Protocol):
 async def cmd_chat(config: Config, args: argparse.Namespace) -> int:
     settings = load_settings(config, os.environ)
     config = await asyncio.to_thread(prepare, config)
-    settle_offline(hub_sources(config, config.models))
+    check_serving_weights(config, offline=settle_offline(hub_sources(config, config.models)))
     return await chat(config, settings)
 
 
@@ -129,7 +129,7 @@ async def cmd_run(config: Config, args: argparse.Namespace) -> int:
         print(NO_TOKEN, file=sys.stderr)
         return 2
     config = await asyncio.to_thread(prepare, config)
-    settle_offline(hub_sources(config, config.models))
+    check_serving_weights(config, offline=settle_offline(hub_sources(config, config.models)))
     return await serve(config, settings)
 
 
