@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from engine.config import Config, parse_config, with_tiny_models
+from engine.history import Deliveries
 
 REPO = Path(__file__).resolve().parents[1]
 # Nothing may reach a model hub in tests: fail fast instead of hanging on a download.
@@ -56,3 +59,23 @@ def promptpics(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[s
     """``promptpics ARGS`` as a user runs it: a real subprocess."""
     return subprocess.run([sys.executable, "-m", "bot", *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=240)
+
+
+@contextlib.contextmanager
+def results_go_unrecorded(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Inside: the process "dies" right after the platform took a result and before its delivery
+    is recorded (``Deliveries.record`` raises for results); after: records work again, as after a
+    restart."""
+    record = Deliveries.record
+    crashing = True
+
+    async def record_or_crash(self: Deliveries, job_id: str, **kwargs: Any) -> None:
+        if crashing and kwargs["kind"] == "result":
+            raise RuntimeError("killed before the delivery was recorded")
+        await record(self, job_id, **kwargs)
+
+    monkeypatch.setattr(Deliveries, "record", record_or_crash)
+    try:
+        yield
+    finally:
+        crashing = False

@@ -31,7 +31,7 @@ from engine import Config, Engine, GenerationParams, JobCancelled, JobProgressed
 from engine.history import Deliveries, HistoryStore
 from engine.images import read_png_metadata
 from engine.pipelines.previews import PreviewSettings
-from tests.conftest import REPO, make_tiny_config
+from tests.conftest import REPO, make_tiny_config, results_go_unrecorded
 from tests.fake_discord import (
     ADMIN,
     ADMIN_ROLE_ID,
@@ -543,22 +543,13 @@ def posts_with_an_image(call: Call) -> bool:
 
 async def test_a_crash_between_posting_and_recording_the_result_posts_it_once_after_a_restart(
         fake: FakeDiscord, config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
-    record = Deliveries.record
-    crashing = True
-
-    async def record_or_crash(self: Deliveries, job_id: str, **kwargs: Any) -> None:
-        if crashing and kwargs["kind"] == "result":  # the process dies right after Discord took the post
-            raise RuntimeError("killed before the delivery was recorded")
-        await record(self, job_id, **kwargs)
-
-    monkeypatch.setattr(Deliveries, "record", record_or_crash)
-    async with bot(fake, config) as running:
-        interaction = await fake.slash("imagine", {"prompt": "a lighthouse at dusk", **SMALL})
-        job_id = job_id_in((await running.reply_to(interaction))["content"])
-        await asyncio.wait_for(running.core.delivery.settled(job_id), 60)
-        assert len(images_of(fake, job_id)) == 1
-        assert not [d for d in await running.core.engine.deliveries.of_job(job_id) if d.kind == "result"]
-    crashing = False
+    with results_go_unrecorded(monkeypatch):  # the process dies right after Discord took the post
+        async with bot(fake, config) as running:
+            interaction = await fake.slash("imagine", {"prompt": "a lighthouse at dusk", **SMALL})
+            job_id = job_id_in((await running.reply_to(interaction))["content"])
+            await asyncio.wait_for(running.core.delivery.settled(job_id), 60)
+            assert len(images_of(fake, job_id)) == 1
+            assert not [d for d in await running.core.engine.deliveries.of_job(job_id) if d.kind == "result"]
 
     async with bot(fake, config) as running:  # the next start: its catch-up finds the post
         result = await running.result_of(job_id)

@@ -36,7 +36,7 @@ from bot.slack.outlet import CappedBackoff, ServerErrorRetry, retry_after_s, sla
 from engine import Config, ConfigError, GenerationParams, JobRequest, JobStatus, Origin, Requester
 from engine.history import Deliveries, HistoryStore
 from engine.images import read_png_metadata
-from tests.conftest import REPO, make_tiny_config
+from tests.conftest import REPO, make_tiny_config, results_go_unrecorded
 from tests.fake_discord import BOT_TOKEN as DISCORD_TOKEN
 from tests.fake_discord import CHANNEL_ID as DISCORD_CHANNEL
 from tests.fake_discord import FakeDiscord
@@ -449,21 +449,12 @@ def images_of(fake: FakeSlack, job_id: str) -> list[Message]:
 
 async def test_a_crash_between_posting_and_recording_the_result_posts_it_once_after_a_restart(
         fake: FakeSlack, config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
-    record = Deliveries.record
-    crashing = True
-
-    async def record_or_crash(self: Deliveries, job_id: str, **kwargs: Any) -> None:
-        if crashing and kwargs["kind"] == "result":  # the process dies right after Slack took the upload
-            raise RuntimeError("killed before the delivery was recorded")
-        await record(self, job_id, **kwargs)
-
-    monkeypatch.setattr(Deliveries, "record", record_or_crash)
-    async with bot(fake, config) as running:
-        payload, _ = await running.slash(f"a lighthouse at dusk {SMALL}")
-        job_id = job_id_in((await running.answers(payload))[0])
-        await asyncio.wait_for(running.core.delivery.settled(job_id), WAIT)
-        assert len(images_of(fake, job_id)) == 1
-    crashing = False
+    with results_go_unrecorded(monkeypatch):  # the process dies right after Slack took the upload
+        async with bot(fake, config) as running:
+            payload, _ = await running.slash(f"a lighthouse at dusk {SMALL}")
+            job_id = job_id_in((await running.answers(payload))[0])
+            await asyncio.wait_for(running.core.delivery.settled(job_id), WAIT)
+            assert len(images_of(fake, job_id)) == 1
 
     async with bot(fake, config) as running:  # the next start: its catch-up finds the upload
         result = await running.result_of(job_id)
