@@ -302,8 +302,6 @@ class Engine(Dispatcher):
         except BaseException:
             self._admission.release(user_key(request))
             raise
-        if explicit:  # routing feedback, the weaker kind (docs/ROUTER.md)
-            await record_quietly(self.feedback, "explicit", **explicit_fields(stored.id, request, params.prompt, explicit))
         job = LiveJob(id=stored.id, request=request, params=params, events=asyncio.Queue(), created_at=created)
         if self._closing:  # stopped while it was being recorded: it is kept, and runs after the next start
             self._admission.release(job.user_key)
@@ -317,6 +315,8 @@ class Engine(Dispatcher):
                  f", ETA {eta_s:.1f} s" if eta_s is not None else "")
         self._emit(job, JobQueued(job.id, position, params, eta_s=eta_s))
         self._wakeup.set()
+        if explicit:  # routing feedback, the weaker kind (docs/ROUTER.md): once the job is queued, not before
+            await record_quietly(self.feedback, "explicit", **explicit_fields(stored.id, request, params.prompt, explicit))
         return JobHandle(self, job, position)
 
     def _queued_or_failed(self, queuing: asyncio.Future[JobHandle]) -> None:
