@@ -36,6 +36,7 @@ from engine.config.schema import (
     RuleSpec,
     SchedulerSettings,
 )
+from engine.config.schema_cluster import CLUSTER_MODES, ClusterSettings
 from engine.config.schema_placement import DENOISER, PLACEMENTS, QUANTS, TEXT_ENCODERS, QuantSettings
 from engine.config.schema_safety import (
     DEFAULT_BLOCKED_TERMS,
@@ -48,6 +49,7 @@ from engine.config.schema_safety import (
 )
 
 __all__ = [
+    "CLUSTER_MODES", "ClusterSettings",
     "DENOISER", "PLACEMENTS", "QUANTS", "TEXT_ENCODERS", "QuantSettings",
     "CONFIG_ENV", "DEFAULT_BLOCKED_TERMS", "DEFAULT_DRUG_TERMS", "DEFAULT_EMBEDDING_MODEL", "DEFAULT_LLM_ID",
     "DEFAULT_MINOR_TERMS", "DEFAULT_NUDENET_THRESHOLDS", "DEFAULT_REPLACEMENTS", "FAMILIES", "HIDDEN",

@@ -19,6 +19,7 @@ from pydantic import ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from engine.config.base import SettingsModel, Text, broken
+from engine.config.schema_cluster import ClusterSettings
 from engine.config.schema_placement import REGIONAL_COMPILE_FAMILIES, TEXT_ENCODERS, QuantSettings
 from engine.config.schema_safety import SafetyConfig
 
@@ -325,6 +326,7 @@ class Config(SettingsModel):
     residency: ResidencySettings = Field(default_factory=ResidencySettings)
     safety: SafetyConfig = Field(default_factory=SafetyConfig)
     previews: PreviewSettings = Field(default_factory=PreviewSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)  # [cluster]: docs/CLUSTER.md
     # [bot], [discord], [slack] and [web] belong to the bot side: kept raw here, validated by bot/ and web/.
     platform_tables: Mapping[str, Any] = Field(default_factory=dict, exclude=True)
     source_file: Path | None = Field(None, exclude=True)

@@ -164,6 +164,10 @@ class ResidencyManager:
         ready = sum(e.host_bytes for e in self._ready.values() if e.in_ram or e.loaded.placement in OFFLOADED)
         return ready + sum(e.host_bytes for e in self._parked.values())
 
+    def expected_device_bytes(self, spec: ModelSpec) -> int | None:
+        """What the model is expected to take on the device (measured once loaded); None: unknown."""
+        return self._expected_device_bytes(spec)
+
     def _expected_device_bytes(self, spec: ModelSpec) -> int | None:
         if spec.id in self._parked:
             return self._parked[spec.id].device_bytes
