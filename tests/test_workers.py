@@ -178,3 +178,46 @@ async def test_admin_calls_name_a_worker_or_pick_one(tiny_config: Config) -> Non
             await engine.preload("flux_dev", worker="w7")
         assert await engine.unload("realvis_xl") is True
         assert {m.model_id for m in engine.resident_models()} == set()
+
+
+class Small(Watched):
+    """A card that holds only some models (a heterogeneous cluster)."""
+
+    def __init__(self, name: str, *models: str) -> None:
+        super().__init__(name)
+        self.models = models
+
+    def fits(self, model_id: str) -> bool:
+        return model_id in self.models
+
+
+async def test_a_job_goes_only_to_a_card_its_model_fits_and_one_that_fits_none_is_refused(tiny_config: Config) -> None:
+    small, big = Small("w0", "flux_dev"), Small("w1", "flux_dev", "realvis_xl")
+    async with Engine(tiny_config, workers=[small, big]) as engine:
+        handles = [await engine.submit(job(f"p{i}", "realvis_xl")) for i in range(3)]
+        await asyncio.gather(*(h.result() for h in handles))
+        with pytest.raises(RequestError, match="`model` is 'sd3_medium', but no GPU worker's card can hold it"):
+            await engine.submit(job("a poster", "sd3_medium"))
+        assert engine.queue_snapshot() == []
+    assert small.ran == [] and big.ran == ["realvis_xl"] * 3
+
+
+def test_a_long_queue_on_several_workers_plans_the_front_and_keeps_every_place() -> None:
+    from engine.core.plan import WORKERS_PLAN_DEPTH, CostBook, build_plan_workers
+    from engine.jobs import GenerationParams
+    from engine.scheduler import AffinityScheduler, QueuedJob, RoundRobin, WorkerView
+
+    rr, book = RoundRobin(), CostBook()
+    models = ["flux_dev", "realvis_xl", "sd3_medium"]
+    queue = [QueuedJob(f"j{i}", models[i % 3], f"u{i % 7}", i, 0.0, rr.tag(f"u{i % 7}")) for i in range(200)]
+    params = {j.job_id: GenerationParams("p", "", j.model_id, 20, 4.5, 512, 512, 1) for j in queue}
+    for m in models:
+        book.record_job(params[f"j{models.index(m)}"], generate_s=5.0, load_s=20.0)
+    workers = [WorkerView("w0", frozenset({"flux_dev"})), WorkerView("w1", frozenset({"realvis_xl"}))]
+    plan = build_plan_workers("k", AffinityScheduler(), queue, params, workers, 0.0, book)
+    assert sorted(p.position for p in plan.planned) == list(range(1, 201))
+    assert {p.job_id for p in plan.planned} == {j.job_id for j in queue}
+    assert {p.worker for p in plan.planned[:WORKERS_PLAN_DEPTH]} == {"w0", "w1"}
+    front, back = plan.planned[0].job_id, plan.planned[-1].job_id
+    assert plan.eta(front, 0.0, True) is not None and plan.eta(back, 0.0, True) is None
+    assert plan.rough_eta(back, 0.0) >= plan.rough_eta(front, 0.0)

@@ -28,7 +28,7 @@ from engine.core.normalise import check_request, clean_prompt, normalise, reques
 from engine.core.plan import CostBook, QueuePlan, recorded_busy_s
 from engine.core.presets import ModelPresets
 from engine.cluster.runner import JobRunner
-from engine.errors import EngineClosedError
+from engine.errors import EngineClosedError, RequestError
 from engine.history import DataFolderLock, HistoryStore, StoredJob
 from engine.jobs import EngineEvent, GenerationParams, JobCancelled, JobFailed, JobQueued, JobRequest, JobStatus
 from engine.placement.traffic import RECENT_JOBS
@@ -286,7 +286,10 @@ class Engine(Admin, Dispatcher):
         spec = self.config.model(decision.model_id)
         if self.presets is not None:  # a /sweep preset stands over config.toml's steps and guidance
             spec = self.presets.apply(spec)
-        return normalise(request, spec, self.config, route_reason=decision.reason)
+        params = normalise(request, spec, self.config, route_reason=decision.reason)
+        if len(self._workers) > 1 and not any(w.fits(params.model_id) for w in self._workers):
+            raise RequestError("model", params.model_id, "no GPU worker's card can hold it (see /workers)")
+        return params
 
     async def _record_and_queue(self, request: JobRequest, params: GenerationParams, explicit: str | None) -> JobHandle:
         """The seat is held: record the job, then queue it on that seat (or give it back)."""

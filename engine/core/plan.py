@@ -43,9 +43,10 @@ from engine.config import Config
 from engine.core.job import LiveJob
 from engine.history import StoredJob
 from engine.jobs import EngineEvent, GenerationParams, JobStatus, QueueMoved, QueuePlace
-from engine.scheduler import Planned, QueuedJob, Scheduler, TimingBook, WorkerView, plan, plan_workers
+from engine.scheduler import Planned, QueuedJob, Scheduler, TimingBook, WorkerView, fair_order, plan, plan_workers
 
 WINDOW = 64  # recent jobs per model: old enough to average, young enough to follow a new GPU
+WORKERS_PLAN_DEPTH = 64  # several workers: jobs planned worker by worker (and shown an ETA); the rest in fair order
 REACH = 3.0  # how far (as a factor of work) beyond the recorded jobs an estimate is still shown
 
 
@@ -196,9 +197,21 @@ def build_plan_workers(key: Hashable, scheduler: Scheduler, queue: Sequence[Queu
                        params: Mapping[str, GenerationParams], workers: Sequence[WorkerView], now: float,
                        book: CostBook) -> QueuePlan:
     """The plan across several workers (``plan_workers``): each job's offset is its planned end,
-    counted from ``now``, its own cost in place of its model's mean."""
-    planned = tuple(plan_workers(scheduler, queue, workers, now, book))
-    return _with_offsets(key, planned, params, book, now, lambda p: p.start_s)
+    counted from ``now``, its own cost in place of its model's mean.
+
+    Simulating N workers is O(n^2) in the queue, so it plans the first ``WORKERS_PLAN_DEPTH`` jobs;
+    the rest follow in fair order, after them, with no ETA shown (their position is still theirs)."""
+    planned = plan_workers(scheduler, queue, workers, now, book, limit=WORKERS_PLAN_DEPTH)
+    shown = _with_offsets(key, tuple(planned), params, book, now, lambda p: p.start_s)
+    taken = {p.job_id for p in planned}
+    after = max((p.start_s for p in planned), default=0.0)
+    rest = [Planned(j.job_id, j.model_id, len(planned) + i + 1, after, after, False)
+            for i, j in enumerate(j for j in fair_order(queue) if j.job_id not in taken)]
+    if not rest:
+        return shown
+    everything = tuple(planned) + tuple(rest)
+    offsets = shown.offsets + tuple(after + book.job_s(params[p.job_id]) for p in rest)
+    return QueuePlan(key, everything, offsets, shown.grounded, {p.job_id: i for i, p in enumerate(everything)}, now)
 
 
 def _with_offsets(key: Hashable, planned: tuple[Planned, ...], params: Mapping[str, GenerationParams],
