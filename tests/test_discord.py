@@ -649,7 +649,7 @@ async def test_sync_commands_cli_prints_the_commands_and_the_invite_url(fake: Fa
     monkeypatch.setenv("DISCORD_API_BASE", fake.api_base)
     code = await cmd_sync_commands(config, argparse.Namespace(guild=GUILD_ID))
     out = capsys.readouterr().out
-    assert code == 0 and f"registered 12 commands in server {GUILD_ID}: /imagine, /history" in out
+    assert code == 0 and f"registered 13 commands in server {GUILD_ID}: /imagine, /history" in out
     assert ("https://discord.com/oauth2/authorize?client_id=900000000000000001&scope=bot+applications.commands"
             "&permissions=274878008384") in out
     assert list(fake.commands) == [str(GUILD_ID)]
