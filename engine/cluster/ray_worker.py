@@ -240,7 +240,8 @@ class RayWorker:
 
     def __init__(self, name: str, spec: ActorSpec, *, watchdog_s: float, session: RaySession,
                  runner_factory: RunnerFactory | None = None) -> None:
-        self._name, self._spec, self._watchdog_s, self._session = name, spec, watchdog_s, session
+        self._name, self._spec, self._session = name, spec, session
+        self.watchdog_s = watchdog_s  # a job with no event for this long: the worker is hung
         session.users += 1
         self._actor = import_ray().remote(WorkerActor).options(**spec.options()).remote(name, runner_factory)
         self._info = WorkerInfo(name, "not started")
@@ -303,8 +304,9 @@ class RayWorker:
         try:
             if not self._spec.detached_name:
                 ray = import_ray()
-                try:
-                    await self._actor.stop.remote()
+                try:  # a lost worker (not started again) has nothing loaded: no need to wait for its restart
+                    if self._started:
+                        await self._actor.stop.remote()
                 except ray.exceptions.RayError as exc:
                     log.warning("worker %s: could not unload before stopping (%s)", self._name, exc)
                 ray.kill(self._actor, no_restart=True)
@@ -345,7 +347,7 @@ class RayWorker:
         async def next_event() -> object:
             return await (await stream.__anext__())
 
-        return await self._call(next_event(), f"no word from it for {self._watchdog_s:g} s", self._watchdog_s)
+        return await self._call(next_event(), f"no word from it for {self.watchdog_s:g} s", self.watchdog_s)
 
     def cancel(self, job_id: str) -> None:
         """The actor sets the job's cancel flag; its step callback raises within one step, and
