@@ -5,7 +5,8 @@ Ray pickles a runner factory by reference, so ``held_runner`` lives in an import
 starts with "hold" stops after its first step until its cancel flag is set (or its process is
 killed) -- but only the first time that job id runs anywhere: a marker file under
 ``$PROMPTPICS_TEST_HOLD_DIR`` (shared by every process on the machine) lets the job run through
-when the engine sends it again to another worker.
+when the engine sends it again to another worker. The marker holds the holding process's pid
+(``holder``), so a test can kill whichever worker got the job.
 """
 
 from __future__ import annotations
@@ -50,5 +51,11 @@ def _first_time(job_id: str) -> bool:
         fd = os.open(Path(os.environ[HOLD_DIR]) / f"{job_id}.held", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         return False
+    os.write(fd, str(os.getpid()).encode())
     os.close(fd)
     return True
+
+
+def holder(job_id: str) -> int:
+    """The pid of the process holding ``job_id`` (after its first step was seen)."""
+    return int((Path(os.environ[HOLD_DIR]) / f"{job_id}.held").read_text())

@@ -20,7 +20,7 @@ from engine.cluster import WorkerLostError
 from engine.config import ClusterSettings, Config
 from engine.jobs import GenerationParams
 from tests.conftest import REPO, RAY_RESOURCE, cluster_test_config
-from tests.held_runner import held_runner
+from tests.held_runner import held_runner, holder
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,40 @@ def test_embedded_mode_never_imports_ray(tiny_models: Any, tmp_path: Any) -> Non
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "no ray"
+
+
+def needs_engine_workers() -> None:
+    if "make_workers" not in (REPO / "engine" / "core" / "engine.py").read_text(encoding="utf-8"):
+        pytest.skip("needs the engine's N workers (engine/core/engine.py building them with make_workers)")
+
+
+# First in the module: the engine's own two workers take both units of the resource until it
+# exits; the module's w0 and w1 (the ``workers`` fixture) are made after it.
+@pytest.mark.cluster
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_job_whose_worker_is_killed_finishes_once_on_the_other(local_ray: Any, config: Config) -> None:
+    needs_engine_workers()
+    from engine import Engine, JobProgressed, JobRequest
+
+    def request(prompt: str, model: str = "flux_dev") -> JobRequest:
+        return JobRequest(prompt, model=model, steps=2, width=64, height=64, seed=3)
+
+    async with Engine(config, runner_factory=held_runner) as engine:
+        # two jobs at once: both workers render, and the history says which
+        first = [await engine.submit(request("a fox")), await engine.submit(request("a poster", "sd3_medium"))]
+        await asyncio.gather(*(h.result() for h in first))
+        rendered_on = {a.worker for h in first for a in await engine.history.attempts(h.id)}
+        assert rendered_on == {"w0", "w1"}
+        # a job held after its first step; its worker's process is killed
+        held = await engine.submit(request("hold on"))
+        async for event in held.events():
+            if isinstance(event, JobProgressed):
+                break
+        os.kill(holder(held.id), signal.SIGKILL)
+        assert (await held.result()).png
+        attempts = await engine.history.attempts(held.id)
+    assert [a.outcome for a in attempts] == ["interrupted", "succeeded"]
+    assert attempts[0].worker != attempts[1].worker
 
 
 @pytest.mark.cluster

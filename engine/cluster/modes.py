@@ -11,6 +11,7 @@ Joining Ray blocks for seconds (``ray.init``): call ``make_workers`` before the 
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 # reference, e.g. the tests') from the same place, installed or not.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
+log = logging.getLogger(__name__)
+
 
 class ClusterUnavailableError(EngineError):
     """Ray is missing, finds no GPU for the workers, or cannot be reached (start-up only)."""
@@ -40,7 +43,7 @@ def make_workers(config: Config, runner_factory: RunnerFactory | None = None) ->
     from engine.cluster.ray_worker import ActorSpec, RayWorker
 
     session = join_ray(cluster)
-    count = cluster.workers or _workers_ray_can_place(cluster)
+    count = _worker_count(cluster)
     workers: list[Worker] = []
     for i in range(count):
         spec = ActorSpec(cluster.num_gpus, cluster.resource,
@@ -81,17 +84,24 @@ def join_ray(cluster: ClusterSettings) -> Any:
     return RaySession(owned=True)
 
 
-def _workers_ray_can_place(cluster: ClusterSettings) -> int:
-    """``cluster.workers = 0``: as many workers as Ray's GPUs (or custom resource) allow."""
+def _worker_count(cluster: ClusterSettings) -> int:
+    """``cluster.workers``, or as many as Ray's GPUs (or custom resource) allow when it is 0. An
+    actor Ray cannot place waits for room without a word, so more workers than there is room
+    for is refused in mode "local"; in mode "cluster" hosts may join later: a warning."""
     from engine.cluster.ray_worker import import_ray
 
     total = import_ray().cluster_resources()
     key, per_worker = (cluster.resource, 1.0) if cluster.resource else ("GPU", cluster.num_gpus)
-    count = int(total.get(key, 0) / per_worker) if per_worker else 0
-    if count == 0:
-        raise ConfigError("cluster.workers", 0, f"Ray sees {total.get(key, 0):g} {key} for workers needing "
-                                                f"{per_worker:g} each: set cluster.workers, or start Ray with GPUs")
-    return count
+    room = int(total.get(key, 0) / per_worker) if per_worker else cluster.workers
+    seen = f"Ray sees {total.get(key, 0):g} {key} for workers needing {per_worker:g} each"
+    if cluster.workers == 0 and room == 0:
+        raise ConfigError("cluster.workers", 0, f"{seen}: set cluster.workers, or start Ray with GPUs")
+    if cluster.workers > room:
+        if cluster.mode == "local":
+            raise ConfigError("cluster.workers", cluster.workers, f"{seen}, room for {room}")
+        log.warning("cluster.workers = %d but %s (room for %d): the others wait for hosts to join",
+                    cluster.workers, seen, room)
+    return cluster.workers or room
 
 
 def _runtime_env() -> dict[str, Any]:

@@ -126,6 +126,7 @@ class WorkerActor:
         self._worker = LocalWorker(name, runner_factory=runner_factory)
         self._config: Config | None = None
         self._asked: tuple[Config, dict[str, float] | None] | None = None
+        self._cancels: dict[str, threading.Event] = {}
         self._starting = asyncio.Lock()
 
     async def start(self, config: Config, shares: dict[str, float] | None) -> Started | Raised:
@@ -154,7 +155,7 @@ class WorkerActor:
         def put(item: object) -> None:
             loop.call_soon_threadsafe(events.put_nowait, item)
 
-        cancel = threading.Event()
+        cancel = self._cancels.setdefault(job_id, threading.Event())  # set already if its cancel came first
         job = asyncio.ensure_future(self._worker.run(
             job_id, params, nsfw_allowed=nsfw_allowed, cancel=cancel, on_step=lambda step, total: put(Step(step, total)),
             on_attempt=put, on_preview=put))
@@ -164,11 +165,14 @@ class WorkerActor:
                 yield item
         finally:
             cancel.set()  # a no-op after the job ended; the stream cancelled (ray.cancel): stop within a step
+            self._cancels.pop(job_id, None)
         error = job.exception()
         yield Finished(None if error else job.result(), Raised.of(error) if error else None, self.residency())
 
     def cancel(self, job_id: str) -> None:
-        self._worker.cancel(job_id)
+        """Sets the flag the job's step callback checks. Async actor methods run concurrently, so
+        a cancel may overtake its job's ``run``: the flag then waits for it."""
+        self._cancels.setdefault(job_id, threading.Event()).set()
 
     def residency(self) -> Residency:
         ready, parked = self._worker.placement_sets()
@@ -338,6 +342,9 @@ class RayWorker:
                     on_attempt(event)
                 elif isinstance(event, Preview) and on_preview is not None:
                     on_preview(event)
+        except asyncio.CancelledError:  # the engine gave up on the job: so does the worker
+            self.cancel(job_id)
+            raise
         finally:
             self._streams.pop(job_id, None)
 
