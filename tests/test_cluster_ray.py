@@ -157,3 +157,25 @@ async def test_a_hung_worker_is_killed_by_the_watchdog_and_reported_lost(workers
     with pytest.raises(WorkerLostError, match="no word from it for 1 s"):
         await run(w1, "h1", params("hold and never report again", steps=3))
     assert w1.placement_sets() == (frozenset(), frozenset())
+
+
+@pytest.mark.cluster
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_bot_restart_in_cluster_mode_reattaches_to_the_worker_and_its_models(local_ray: Any,
+                                                                                     config: Config) -> None:
+    from engine.cluster.modes import make_workers
+
+    # no GPU and no resource: this detached worker places beside w0 and w1
+    cluster = ClusterSettings(mode="cluster", address="auto", workers=1, num_gpus=0.0)
+    config = config.model_copy(update={"cluster": cluster})
+    (before,) = make_workers(config, held_runner)
+    await before.start(config)
+    try:
+        await run(before, "c1", params("a fox"))
+        await before.stop()  # the bot exits: a detached worker stays up with its models
+        (after,) = make_workers(config, held_runner)
+        await after.start(config)
+        assert after.pid == before.pid and after.placement_sets()[0] == {"flux_dev"}
+        assert (await run(after, "c2", params("a fox"))).png
+    finally:
+        local_ray.kill(local_ray.get_actor("promptpics-w0", namespace=cluster.namespace), no_restart=True)
