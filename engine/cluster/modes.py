@@ -78,10 +78,22 @@ def join_ray(cluster: ClusterSettings) -> Any:
         options["resources"] = {cluster.resource: cluster.workers}
     try:
         ray.init(**options)
-    except (ConnectionError, TimeoutError, RuntimeError) as exc:
-        where = f"at `cluster.address` = {cluster.address!r}" if cluster.mode == "cluster" else "on this machine"
-        raise ClusterUnavailableError(f"Ray could not be reached or started {where}: {exc}") from exc
+    except (ConnectionError, TimeoutError, RuntimeError, ray.exceptions.RayError) as exc:
+        raise ClusterUnavailableError(_why_not_joined(cluster, exc)) from exc
     return RaySession(owned=True)
+
+
+def _why_not_joined(cluster: ClusterSettings, exc: BaseException) -> str:
+    where = f"at `cluster.address` = {cluster.address!r}" if cluster.mode == "cluster" else "on this machine"
+    causes = [exc]
+    while causes[-1].__cause__ is not None:
+        causes.append(causes[-1].__cause__)
+    if any(type(c).__name__ == "AuthenticationError" for c in causes):
+        # Ray 2.60's `ray start` turns token auth on, but a client only sends the token with
+        # RAY_AUTH_MODE=token (docs/CLUSTER.md#security)
+        return (f"Ray {where} refused this host's token: set RAY_AUTH_MODE=token and give the bot the "
+                "cluster's token (~/.ray/auth_token or RAY_AUTH_TOKEN_PATH)")
+    return f"Ray could not be reached or started {where}: {exc}"
 
 
 def _worker_count(cluster: ClusterSettings) -> int:
