@@ -82,6 +82,25 @@ def test_embedded_mode_never_imports_ray(tiny_models: Any, tmp_path: Any) -> Non
     assert done.stdout.strip().splitlines()[-1] == "no ray"
 
 
+def test_a_cluster_mode_without_ray_installed_says_how_to_install_it(config: Config,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.cluster.modes import ClusterUnavailableError, make_workers
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets without the extra
+    with pytest.raises(ClusterUnavailableError, match=r"`cluster.mode` is 'local'.*pip install -e '\.\[cluster\]'"):
+        make_workers(config)
+
+
+@pytest.mark.cluster
+def test_more_local_workers_than_ray_has_room_for_are_refused_naming_the_key(local_ray: Any, config: Config) -> None:
+    from engine.cluster.modes import make_workers
+    from engine.errors import ConfigError
+
+    three = config.model_copy(update={"cluster": config.cluster.model_copy(update={"workers": 3})})
+    with pytest.raises(ConfigError, match=r"`cluster.workers` is 3, but Ray sees 2 promptpics_worker .* room for 2"):
+        make_workers(three)
+
+
 def needs_engine_workers() -> None:
     if "make_workers" not in (REPO / "engine" / "core" / "engine.py").read_text(encoding="utf-8"):
         pytest.skip("needs the engine's N workers (engine/core/engine.py building them with make_workers)")
