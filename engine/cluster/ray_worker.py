@@ -1,6 +1,6 @@
 """``RayWorker``: one GPU behind a Ray actor (modes "local" and "cluster", docs/CLUSTER.md).
 
-Two halves, one module so their messages stay in step:
+Two halves, one module (what they send each other: messages.py):
 
     WorkerActor  runs in the actor's process on the GPU host: today's ``LocalWorker`` (its GPU
                  thread and job runner), a job's callbacks bridged from that thread into a
@@ -20,13 +20,13 @@ import logging
 import os
 import socket
 import threading
-import traceback
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from engine.cluster import WorkerInfo, WorkerLostError
 from engine.cluster.local import LocalWorker, RunnerFactory
+from engine.cluster.messages import Finished, Raised, Residency, Started, Step
 from engine.errors import EngineClosedError
 from engine.pipelines import Preview
 from engine.safety import Attempt
@@ -46,68 +46,6 @@ def import_ray() -> Any:
     import ray
 
     return ray
-
-
-# -- what crosses between the actor and the bot (plain data, pickled by Ray) -------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Residency:
-    """One worker's residency as the bot caches it: the engine reads it synchronously on its loop,
-    so it is sent back after every call that can change it instead of being asked for."""
-
-    ready: frozenset[str] = frozenset()  # on the card
-    parked: frozenset[str] = frozenset()  # in the worker's RAM tier
-    status: ResidencyStatus | None = None
-    models: tuple[ResidentModel, ...] = ()
-    fits: frozenset[str] = frozenset()
-
-
-@dataclass(frozen=True, slots=True)
-class Raised:
-    """An exception as plain data. Our errors are built from their fields (``ConfigError(key,
-    value, rule)``) but pickle by their message, so Ray cannot rebuild them: the class, args and
-    attributes travel instead, and the actor's traceback comes along as a note for the log."""
-
-    kind: type[BaseException]
-    args: tuple[Any, ...]
-    state: dict[str, Any]
-    trace: str
-
-    @classmethod
-    def of(cls, exc: BaseException) -> Raised:
-        return cls(type(exc), exc.args, dict(getattr(exc, "__dict__", {})),
-                   "".join(traceback.format_exception(exc)))
-
-    def rebuild(self, worker: str) -> BaseException:
-        exc = self.kind.__new__(self.kind)
-        exc.args = self.args
-        exc.__dict__.update(self.state)
-        exc.add_note(f"raised on worker {worker}:\n{self.trace}")
-        return exc
-
-
-@dataclass(frozen=True, slots=True)
-class Step:
-    step: int
-    total: int
-
-
-@dataclass(frozen=True, slots=True)
-class Finished:
-    """The last event of a job's stream: its output or what the runner raised, and the residency after it."""
-
-    output: RunOutput | None
-    error: Raised | None
-    residency: Residency
-
-
-@dataclass(frozen=True, slots=True)
-class Started:
-    config: Config
-    info: WorkerInfo
-    residency: Residency
-    pid: int
 
 
 _DONE = object()
