@@ -160,6 +160,7 @@ async def test_a_worker_killed_mid_job_is_lost_restarted_and_the_job_runs_on_the
         await held
     assert lost.value.worker == "w0" and "w0" in lost.value.user_message
     assert w0.placement_sets() == (frozenset(), frozenset())  # its models died with it
+    assert w0.fits("flux_dev") and w0.alive  # its card did not: the dispatcher still sends it jobs
     # the engine sends the job again, elsewhere: it runs through (held only the first time)
     assert (await run(w1, "k1", params("hold on"))).png
     # Ray restarted w0's actor; the next job starts it again first

@@ -345,7 +345,9 @@ class RayWorker:
                              else type(exc).__name__) from exc
 
     def _lost(self, why: str) -> WorkerLostError:
-        self._residency, self._started = Residency(), False
+        """Its models died with it; what fits its card did not (the dispatcher keeps sending it
+        jobs, and the first one starts it again)."""
+        self._residency, self._started = Residency(fits=self._residency.fits), False
         return WorkerLostError(self._name, why)
 
     def _raise(self, answer: Any) -> Any:
