@@ -3,6 +3,7 @@
 
     python bench/scheduler.py [--seed 1] [--jobs 200] [--users 10] [--utilisation 0.8]
                               [--gpu-gb 48] [--ram-gb 0] [--placement bf16|auto] [--json]
+    python bench/scheduler.py --workers N | --scaling [--json] ...   (bench/scheduler_workers.py)
 
 Only the device is simulated: a ``DeviceOps`` whose loads, copies and runs advance a clock by the
 cost model below instead of moving tensors. Every decision - which job runs, what is evicted,
@@ -480,14 +481,30 @@ def main() -> None:
     parser.add_argument("--favourite", type=float, default=0.0, help="share of each user's jobs sent to one favourite model")
     parser.add_argument("--placement", choices=("bf16", "auto"), default="bf16",
                         help="auto: fifo_budget and affinity run the placement planner's plan (fifo keeps bf16)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="N simulated workers: ours against warm_first and round_robin (bench/scheduler_workers.py)")
+    parser.add_argument("--scaling", action="store_true", help="1 worker against 4 at 4x the arrival rate")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)  # the residency manager's swap log lines are per job
-    out = run_all(args)
+    if args.workers is not None or args.scaling:
+        import scheduler_workers  # bench/ is on sys.path: this script's folder
+
+        settings = config_scheduler_settings()
+        affinity = AffinityScheduler(settings.max_passed_over, settings.max_extra_wait_s)
+        config = load_config(REPO / "config.toml", env={})
+        if args.scaling:
+            out = scheduler_workers.run_scaling(args, affinity, config)
+            show = scheduler_workers.print_scaling
+        else:
+            out = scheduler_workers.run_workers(args, affinity, config)
+            show = scheduler_workers.print_workers
+    else:
+        out, show = run_all(args), print_table
     if args.json:
         print(json.dumps(out, indent=1))
     else:
-        print_table(out)
+        show(out)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -32,6 +33,7 @@ SMALLEST: dict[str, list[str]] = {
     "web.py": ["--jobs", "20", "--requests", "2"],
     "placement_sweep.py": ["--gpu-gb", "24", "--seeds", "1"],
     "scheduler.py": ["--jobs", "20", "--users", "3", "--gpu-gb", "24", "--placement", "auto"],
+    "scheduler_workers.py": ["--workers", "2", "--jobs", "20", "--users", "3"],
 }
 # Scripts that drive another bench script as a subprocess (whose own imports are checked here).
 DRIVES: dict[str, str] = {"placement_sweep.py": "scheduler.py"}
@@ -93,6 +95,25 @@ def test_the_script_runs_with_its_smallest_arguments(script: str) -> None:
     done = run(script, *SMALLEST[script])
     assert done.returncode == 0, f"{script} exited {done.returncode}:\n{done.stdout[-1500:]}\n{done.stderr[-3000:]}"
     assert done.stdout.strip(), f"{script} printed nothing"
+
+
+def test_the_many_workers_scheduler_bench_reports_each_policy() -> None:
+    done = run("scheduler.py", "--json", "--workers", "2", "--jobs", "40")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout)
+    for policy in ("ours", "warm_first", "round_robin"):
+        assert {"loads", "throughput_per_hour", "wait_p95_s", "wait_max_s"} <= set(out[policy]), policy
+        assert out[policy]["images"] == 40
+    assert out["setup"]["workers"] == 2
+
+
+def test_the_scheduler_scaling_bench_reports_one_and_four_workers() -> None:
+    done = run("scheduler.py", "--json", "--scaling", "--jobs", "40")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout)
+    assert (out["workers_1"]["images"], out["workers_4"]["images"]) == (40, 160)
+    assert all(out[k]["throughput_per_hour"] > 0 for k in ("workers_1", "workers_4"))
+    assert "not per GPU" in out["setup"]["throughput"]
 
 
 @pytest.mark.parametrize("script", sorted(CUDA_ONLY))

@@ -51,6 +51,7 @@ class Planned:
     start_s: float  # seconds from now until it starts
     eta_s: float  # seconds from now until its image is expected
     loads: bool  # whether the plan expects a model load before it
+    worker: str = ""  # which worker runs it (multi.plan_workers); "" from plan(): the one worker
 
 
 def plan(scheduler: Scheduler, queue: Sequence[QueuedJob], resident: Collection[str], now: float,
