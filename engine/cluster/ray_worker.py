@@ -316,7 +316,9 @@ class RayWorker:
 
     async def _admin(self, method: Any, *args: Any) -> Any:
         await self._ready()
-        value, self._residency = self._raise(await self._call(method.remote(*args), "it died during an admin call"))
+        # a preload is a model load: the watchdog's rule (longer than any load) holds for it too
+        answer = await self._call(method.remote(*args), f"no answer for {self.watchdog_s:g} s", self.watchdog_s)
+        value, self._residency = self._raise(answer)
         return value
 
     # -- the seam to Ray ---------------------------------------------------------------------
