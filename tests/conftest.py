@@ -100,6 +100,7 @@ def local_ray(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     join_ray(ClusterSettings(mode="local", resource=RAY_RESOURCE, workers=2))
     yield ray
     ray.shutdown()
+    del os.environ[HOLD_DIR]
 
 
 def cluster_test_config(tiny_models: Any, data_dir: Path) -> Config:
