@@ -213,7 +213,7 @@ def old_engine_eta(engine: Any, job_id: str, book: Any) -> float | None:
     from engine.scheduler import plan
 
     now = time.perf_counter()
-    running, busy = engine._running, 0.0
+    running, busy = next(iter(engine._running.values()), None), 0.0
     if running is not None and running.started_mono is not None:
         busy = max(0.0, book.expected_generate_s(running.params.model_id) - (now - running.started_mono))
     resident, parked = engine._placements()
@@ -228,8 +228,16 @@ def old_engine_eta(engine: Any, job_id: str, book: Any) -> float | None:
 
 def per_model_eta(engine: Any, job_id: str) -> float | None:
     """The same plan as the engine ETA, each job at its model's mean (seeded TimingBook)."""
-    busy = engine._running_left_s(time.perf_counter())
-    return next((p.eta_s for p in engine._plan(busy_for_s=busy) if p.job_id == job_id), None)
+    from engine.scheduler import plan
+
+    now = time.perf_counter()
+    running = next(iter(engine._running.values()), None)
+    resident, parked = engine._placements()
+    if running is not None:  # its model is ready once it finishes
+        resident |= {running.params.model_id}
+    return next((p.eta_s for p in plan(engine._scheduler, [j.view() for j in engine._queue], resident, now,
+                                       engine._timings, parked=parked, busy_for_s=engine._left_s(running, now))
+                 if p.job_id == job_id), None)
 
 
 async def record_history(config: Any, jobs: int, rng: random.Random, request: Any, factory: Any) -> None:

@@ -399,10 +399,10 @@ class StartMeter:
             self.method = "not measured: no Engine._next_job, or not the stock asyncio loop"
             return
 
-        def next_job() -> Any:
+        def next_job(*args: Any) -> Any:
             started = time.thread_time()
             waiting = len(getattr(self._engine, "_queue", self._watch.queued))
-            job = original()
+            job = original(*args)
             if self.active:
                 self._opened(started, waiting)
             return job

@@ -214,7 +214,8 @@ class Delivery:
         job, c = track.job, self._commands
         match event:
             case JobQueued(position=position, params=params, resumed=resumed, eta_s=eta_s):
-                track.position, track.eta_s = position, eta_s
+                # queued again after a GPU worker was lost under it: waiting once more, not running
+                track.position, track.eta_s, track.started = position, eta_s, None
                 if resumed:
                     track.status = await self._existing_status(job, track.outlet)
                 await self._show(track, messages.status_queued(

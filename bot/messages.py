@@ -10,11 +10,21 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from engine import EngineError, GenerationParams, ModelStats, QueueEntry, StoredJob, SwitchAway, Timings
+from engine import (
+    EngineError,
+    GenerationParams,
+    ModelStats,
+    QueueEntry,
+    StoredJob,
+    SwitchAway,
+    Timings,
+    WorkerState,
+    WorkerStats,
+)
 
 log = logging.getLogger(__name__)
 
@@ -189,10 +199,34 @@ def cancelled(job_id: str) -> str:
     return f"Cancelled job `{job_id}`."
 
 
-def preload_done(model_name: str, seconds: float) -> str:
+def preload_done(model_name: str, seconds: float, worker: str | None = None) -> str:
+    on = f" on `{worker}`" if worker else ""
     if seconds <= 0:
-        return f"{model_name} was already loaded."
-    return f"{model_name} is loaded ({duration(seconds)})."
+        return f"{model_name} was already loaded{on}."
+    return f"{model_name} is loaded{on} ({duration(seconds)})."
+
+
+def workers_reply(workers: Sequence[WorkerState], model_name: Callable[[str], str]) -> str:
+    """``/workers``: each GPU worker, its card, what it holds, its job."""
+    lines = [f"{len(workers)} GPU worker(s):"]
+    for w in workers:
+        state = "up" if w.alive else "down (restarting)"
+        held = ", ".join(f"{model_name(m.model_id)} ({m.where})" for m in w.resident) or "nothing loaded"
+        status = w.status
+        memory = ""
+        if status is not None and status.gpu_budget_bytes is not None:
+            memory = f"; {status.gpu_used_bytes / 2**30:.1f} of {status.gpu_budget_bytes / 2**30:.1f} GiB used"
+        job = (f"; running `{w.job_id}` on {model_name(w.job_model or '')} for {duration(w.running_s)}"
+               if w.job_id else "; idle")
+        host = f" on {w.info.host}" if w.info.host else ""
+        lines.append(f"`{w.info.name}` {state}{host}, {w.info.card}: {held}{memory}{job}")
+    return "\n".join(lines)
+
+
+def worker_stats_reply(stats: Iterable[WorkerStats]) -> str:
+    lines = [f"`{s.worker}`: {s.attempts} attempt(s), {s.succeeded} ok, {s.interrupted} interrupted"
+             + (f"; mean {duration(s.mean_attempt_s)}" if s.mean_attempt_s is not None else "") for s in stats]
+    return "Per GPU worker:\n" + "\n".join(lines) if lines else "Per GPU worker: nothing run yet."
 
 
 def unload_done(model_name: str, was_loaded: bool) -> str:
@@ -217,7 +251,8 @@ def queue_reply(entries: Sequence[QueueEntry]) -> str:
         return "The queue is empty."
     lines = [f"{len(entries)} job(s):"]
     for e in entries:
-        where = "running" if e.position == 0 else f"#{e.position}"
+        where = ("running" + (f" on `{e.worker}`" if e.worker and e.worker != "gpu" else "")) if e.position == 0 \
+            else f"#{e.position}"
         eta_text = f", ETA ~{duration(e.eta_s)}" if e.eta_s is not None and e.position > 0 else ""
         lines.append(f"{where} `{e.job_id}` {e.model_id} for {e.user}, waited {duration(e.waited_s)}{eta_text}")
     return "\n".join(lines)

@@ -13,7 +13,18 @@ from engine.config import (
     validate_table,
     with_tiny_models,
 )
-from engine.core import MAX_SEED, Engine, JobHandle, QueueEntry, check_request, describe_models, missing_weights, source_state
+from engine.core import (
+    MAX_SEED,
+    Engine,
+    JobHandle,
+    QueueEntry,
+    WorkerState,
+    check_request,
+    describe_models,
+    missing_weights,
+    source_state,
+)
+from engine.cluster import WorkerInfo, WorkerLostError
 from engine.errors import (
     ConfigError,
     DataFolderBusyError,
@@ -46,6 +57,7 @@ from engine.history import (
     RoutingFeedback,
     SwitchAway,
     ModelStats,
+    WorkerStats,
     SeenKeys,
     StorageError,
     StoredJob,
@@ -115,7 +127,7 @@ __all__ = [
     # config's building blocks (bot/settings.py reads its own tables with them)
     "HIDDEN", "SettingsModel", "Text", "broken", "validate_table",
     # the history: the CLI and the adapters read it; deliveries are the bot's message bookkeeping
-    "AttemptRecord", "DataFolderLock", "Deliveries", "DeliveryRecord", "HistoryError", "HistoryStore", "ModelStats",
+    "AttemptRecord", "DataFolderLock", "Deliveries", "DeliveryRecord", "HistoryError", "HistoryStore", "ModelStats", "WorkerStats", "WorkerState", "WorkerInfo", "WorkerLostError",
     "SeenKeys", "StorageError", "StoredJob", "write_atomic",
     # the web gallery and dashboard (web/): pages and search, charts' series, metrics' totals, thumbnails
     "Facets", "Gallery", "GalleryPage", "GalleryQuery", "Histogram", "HistoryTimeline", "TIME_BUCKETS", "Timeline",

@@ -98,4 +98,4 @@ async def test_react_history_and_show_work_across_restarts(config: Config) -> No
     assert f"Job {first}: succeeded" in out and "seed 5" in out and str(jobs[first].image_path) in out
     assert out.count("succeeded on") == 3  # /history: the three jobs
     assert f"Job {first} is finished; its image stays in the history." in out
-    assert "/preload MODEL: load a model ahead of demand (admins)" in out  # the terminal's user is an admin
+    assert "/preload MODEL [on WORKER]: load a model ahead of demand (on one GPU worker) (admins)" in out  # an admin

@@ -333,7 +333,8 @@ async def test_cancel_reaction_stops_a_running_job_within_one_step_and_drops_its
 
         async def cancel(cancelled_id: str) -> bool:
             # the last step the GPU thread finished when the flag goes up (engine-internal, read-only)
-            at_cancel.append(engine._running.step if engine._running is not None else -1)
+            running = next(iter(engine._running.values()), None)
+            at_cancel.append(running.step if running is not None else -1)
             return await real_cancel(cancelled_id)
 
         engine.cancel = cancel  # type: ignore[method-assign]
@@ -385,7 +386,7 @@ async def test_a_waiting_jobs_status_shows_an_eta_at_submit_and_again_as_the_que
 async def test_admin_commands_are_refused_for_others_and_work_for_admins(fake: FakeDiscord, config: Config) -> None:
     async with bot(fake, config) as running:
         for name, options in (("preload", {"model": "flux_dev"}), ("unload", {"model": "flux_dev"}),
-                              ("models", {}), ("queue", {}), ("stats", {})):
+                              ("models", {}), ("queue", {}), ("stats", {}), ("workers", {})):
             reply = await running.reply_to(await fake.slash(name, options, user_id=ALICE))
             assert reply["content"] == f"Sorry, `/{name}` is for the bot's admins." and reply["flags"] & 64
         assert running.core.engine.resident_models() == ()
@@ -396,8 +397,13 @@ async def test_admin_commands_are_refused_for_others_and_work_for_admins(fake: F
         assert [m.model_id for m in running.core.engine.resident_models()] == ["flux_dev"]
         models = await running.reply_to(await fake.slash("models", user_id=ADMIN))
         queue = await running.reply_to(await fake.slash("queue", user_id=ADMIN))
+        workers = await running.reply_to(await fake.slash("workers", user_id=ADMIN))
+        elsewhere = await running.reply_to(await fake.slash("preload", {"model": "flux_dev", "on": "w3"}, user_id=ADMIN))
         unloaded = await running.reply_to(await fake.slash("unload", {"model": "flux_dev"}, user_id=ADMIN))
         assert running.core.engine.resident_models() == ()
+    assert workers["content"].startswith("1 GPU worker(s):\n`gpu` up, cpu: FLUX.1-dev (cpu)")
+    assert workers["content"].endswith("; idle")
+    assert elsewhere["content"] == "`worker` is 'w3', but it must be one of the workers: gpu"
     assert "`flux_dev` FLUX.1-dev: loaded" in models["content"] and "`realvis_xl` RealVisXL V4.0: not loaded" in models["content"]
     assert queue["content"] == "The queue is empty."
     assert unloaded["content"] == "FLUX.1-dev is unloaded."
@@ -624,7 +630,7 @@ async def test_sync_commands_registers_the_commands_globally_or_in_one_guild(fak
     names, application_id = await sync_commands(config, settings, None)
     await sync_commands(config, settings, GUILD_ID)
     assert set(names) == {"imagine", "history", "gallery", "show", "preload", "unload", "models", "queue", "stats",
-                          "compare", "sweep", "preset"}
+                          "workers", "compare", "sweep", "preset"}
     assert application_id == 900000000000000001
     imagine = next(c for c in fake.commands["global"] if c["name"] == "imagine")
     options = {o["name"]: o for o in imagine["options"]}

@@ -575,6 +575,10 @@ async def test_admin_subcommands_are_refused_for_others_and_work_for_admins(fake
         resident = [m.model_id for m in running.core.engine.resident_models()]
         models = await ask("models")
         queue = await ask("queue")
+        workers = await ask("workers")
+        on_worker = await ask("preload flux_dev on gpu")
+        bad_worker = await ask("preload flux_dev on w9")
+        garbled = await ask("preload flux_dev at gpu")
         unloaded = await ask("unload flux_dev")
         helped = await ask("", user=ALICE)
         unknown = await ask("frobnicate")
@@ -583,6 +587,10 @@ async def test_admin_subcommands_are_refused_for_others_and_work_for_admins(fake
     assert loaded.startswith("FLUX.1-dev is loaded") and resident == ["flux_dev"]
     assert "`flux_dev` FLUX.1-dev: loaded" in models and queue == "The queue is empty."
     assert unloaded == "FLUX.1-dev is unloaded."
+    assert workers.startswith("1 GPU worker(s):\n`gpu` up, cpu: FLUX.1-dev (cpu)")
+    assert on_worker == "FLUX.1-dev was already loaded on `gpu`."
+    assert bad_worker == "`worker` is 'w9', but it must be one of the workers: gpu"
+    assert garbled == "Usage: /preload MODEL [on WORKER], for example `/preload flux_dev on w1`."
     assert "/imagine PROMPT [--model ID]" in helped and "/promptpics history: your recent jobs" in helped
     assert "preload" not in helped and "/react" not in helped  # admin lines for admins; no terminal-only ones
     assert unknown.startswith("`/promptpics frobnicate` is not a command. Try `/promptpics imagine`")

@@ -61,7 +61,7 @@ class Snapshot(Collector):
             queued = sum(n for (_, s), n in self._totals.jobs.items() if s == "queued")
             running = sum(n for (_, s), n in self._totals.jobs.items() if s == "running")
         yield GaugeMetricFamily("promptpics_queue_depth", "Jobs waiting in the queue.", value=queued)
-        yield GaugeMetricFamily("promptpics_jobs_running", "Jobs running now (0 or 1).", value=running)
+        yield GaugeMetricFamily("promptpics_jobs_running", "Jobs running now (one per busy GPU worker).", value=running)
 
     def _safety(self) -> Metric:
         safety = CounterMetricFamily("promptpics_safety_events", "Safety loop events by model and kind.",

@@ -45,7 +45,8 @@ CATALOGUE: tuple[CommandSpec, ...] = (
     CommandSpec("models", "/models", "the models, what is loaded where, memory", admin=True),
     CommandSpec("queue", "/queue", "the jobs waiting, their positions and ETA", admin=True),
     CommandSpec("stats", "/stats", "per-model timings and safety incidents", admin=True),
-    CommandSpec("preload", "/preload MODEL", "load a model ahead of demand", admin=True),
+    CommandSpec("preload", "/preload MODEL [on WORKER]", "load a model ahead of demand (on one GPU worker)", admin=True),
+    CommandSpec("workers", "/workers", "each GPU worker: its card, what is loaded, its job", admin=True),
     CommandSpec("unload", "/unload MODEL", "free a model's memory", admin=True),
     CommandSpec("compare", "/compare PROMPT [--seed S] [--size WxH]", "the prompt on every model, one contact sheet"),
     CommandSpec("pick", "/pick SHEET_ID N", "pick a tile of a sheet (terminal only; elsewhere react 1️⃣-9️⃣)"),
@@ -216,14 +217,19 @@ class Commands:
     def _refuse(self, actor: Actor, command: str) -> Reply | None:
         return None if self.is_admin(actor) else Reply(messages.admin_only(command), ok=False)
 
-    async def preload(self, actor: Actor, model: str) -> Reply:
+    async def preload(self, actor: Actor, model: str, worker: str | None = None) -> Reply:
         if refused := self._refuse(actor, "preload"):
             return refused
         try:
-            seconds = await self.engine.preload(model.strip())
+            seconds = await self.engine.preload(model.strip(), worker=worker.strip() if worker else None)
         except EngineError as exc:
             return Reply(exc.user_message, ok=False)
-        return Reply(messages.preload_done(self.model_name(model.strip().lower()), seconds))
+        return Reply(messages.preload_done(self.model_name(model.strip().lower()), seconds, worker))
+
+    async def workers(self, actor: Actor) -> Reply:
+        if refused := self._refuse(actor, "workers"):
+            return refused
+        return Reply(messages.workers_reply(self.engine.workers(), self.model_name))
 
     async def unload(self, actor: Actor, model: str) -> Reply:
         if refused := self._refuse(actor, "unload"):
@@ -251,7 +257,10 @@ class Commands:
         if refused := self._refuse(actor, "stats"):
             return refused
         stats = await self.engine.history.model_stats()
-        return Reply(messages.stats_reply(stats, await self.engine.feedback.switch_away()))
+        text = messages.stats_reply(stats, await self.engine.feedback.switch_away())
+        if len(self.engine.workers()) > 1:  # one worker: its lines would repeat the totals
+            text += "\n" + messages.worker_stats_reply(await self.engine.history.worker_stats())
+        return Reply(text)
 
     # -- one line of text: the terminal, and Slack's `/promptpics <command>` ------------------
 
@@ -265,7 +274,7 @@ class Commands:
         name, _, rest = line[1:].partition(" ")
         name, rest = name.lower(), rest.strip()
         simple: dict[str, Callable[[Actor], Awaitable[Reply]]] = {
-            "models": self.models, "queue": self.queue, "stats": self.stats,
+            "models": self.models, "queue": self.queue, "stats": self.stats, "workers": self.workers,
         }
         if name == "imagine":
             return await self.imagine_text(actor, rest, origin)
@@ -283,14 +292,23 @@ class Commands:
                 return Reply(f"`/{name}` needs an argument: {usage}", ok=False)
             if name == "show":
                 return await self.show(actor, rest.split()[0], origin)
-            handler = {"preload": self.preload, "unload": self.unload}[name]
-            return await handler(actor, rest.split()[0])
+            if name == "preload":
+                return await self._preload_line(actor, rest.split())
+            return await self.unload(actor, rest.split()[0])
         if name == "react":
             return await self._react_line(actor, rest, origin)
         if name in self.groups.COMMANDS:  # /compare, /sweep, /preset, /pick
             return await self.groups.run_line(actor, name, rest, origin)
         known = ", ".join(f"/{c.name}" for c in CATALOGUE)
         return Reply(f"`/{name}` is not a command. Commands: {known}.", ok=False)
+
+    async def _preload_line(self, actor: Actor, parts: list[str]) -> Reply:
+        """``MODEL`` or ``MODEL on WORKER``."""
+        if len(parts) == 1:
+            return await self.preload(actor, parts[0])
+        if len(parts) == 3 and parts[1].lower() == "on":
+            return await self.preload(actor, parts[0], parts[2])
+        return Reply("Usage: /preload MODEL [on WORKER], for example `/preload flux_dev on w1`.", ok=False)
 
     async def _react_line(self, actor: Actor, rest: str, origin: Origin) -> Outcome:
         parts = rest.split()

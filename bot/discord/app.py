@@ -205,10 +205,16 @@ def _add_commands(tree: app_commands.CommandTree, config: Config, app: Callable[
 
     @tree.command(name="preload", description="Admins: load a model ahead of demand")
     @app_commands.guild_only()
-    @app_commands.describe(model=f"one of {model_ids}"[:100])
+    @app_commands.describe(model=f"one of {model_ids}"[:100], on="the GPU worker (see /workers); default: the best one")
     @app_commands.choices(model=models)
-    async def preload(interaction: discord.Interaction, model: str) -> None:
-        await app().respond(interaction, lambda actor: app().commands.preload(actor, model))
+    async def preload(interaction: discord.Interaction, model: str, on: app_commands.Range[str, 1, 64] | None = None
+                      ) -> None:
+        await app().respond(interaction, lambda actor: app().commands.preload(actor, model, on))
+
+    @tree.command(name="workers", description="Admins: each GPU worker, its card, what is loaded, its job")
+    @app_commands.guild_only()
+    async def workers(interaction: discord.Interaction) -> None:
+        await app().respond(interaction, app().commands.workers)
 
     @tree.command(name="unload", description="Admins: free a model's memory")
     @app_commands.guild_only()

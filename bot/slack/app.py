@@ -64,8 +64,8 @@ log = logging.getLogger(__name__)
 
 LOGIN_ERRORS = frozenset({"invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired",
                           "not_allowed_token_type"})
-SUBCOMMANDS = ("imagine", "history", "show", "models", "queue", "stats", "preload", "unload", "gallery", "compare", "sweep",
-               "preset", "help")
+SUBCOMMANDS = ("imagine", "history", "show", "models", "queue", "stats", "workers", "preload", "unload", "gallery",
+               "compare", "sweep", "preset", "help")
 SIGNATURE_MAX_AGE_S = 5 * 60  # how old a signed HTTP request may be (Slack and bolt allow 5 minutes)
 SEEN_TTL_S = 3600.0  # Slack retries an event after about 1 and 5 minutes: an hour covers a restart between
 

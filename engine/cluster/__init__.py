@@ -4,6 +4,7 @@
     WorkerInfo      what /workers shows of one: name, card, host, memory budget
     WorkerLostError the worker died (or hung) under a job: the engine, not the worker, decides
                     what runs again (engine/core/dispatch.py)
+    runner.py       JobRunner: what a worker's GPU thread does for one job (resident, generate, check, PNG)
     local.py        LocalWorker: today's GPU thread and job runner in this process (embedded mode,
                     the default; imports no ray)
     ray_worker.py   RayWorker: one Ray actor per GPU (modes "local" and "cluster"); ray is
@@ -30,7 +31,7 @@ from engine.errors import EngineError
 
 if TYPE_CHECKING:
     from engine.config import Config
-    from engine.core.runner import RunOutput
+    from engine.cluster.runner import RunOutput
     from engine.jobs import GenerationParams
     from engine.pipelines import PreviewCallback
     from engine.residency import ResidencyStatus, ResidentModel

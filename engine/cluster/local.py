@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from engine.cluster import WorkerInfo
-from engine.core.runner import JobRunner, RunOutput, default_runner_blocking
+from engine.cluster.runner import JobRunner, RunOutput, default_runner_blocking
 from engine.errors import EngineClosedError
 from engine.llm import ChatLLM, LLMCache
 from engine.pipelines import configure_torch_blocking, resolve_device_blocking, resolve_dtype

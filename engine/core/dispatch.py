@@ -1,23 +1,26 @@
-"""The dispatcher: one job at a time from the queue to the GPU thread and back, as numbered
-steps (``Dispatcher._run``): take the scheduler's pick, run it (make resident, generate, safety
-checks: ``JobRunner`` on the GPU thread), record the outcome, send the events.
+"""The dispatcher: from the queue to the workers and back, one job per worker at a time, as
+numbered steps (``Dispatcher._run``): take the scheduler's pick for a free worker, run it there
+(make resident, generate, safety checks: ``JobRunner`` on the worker's GPU thread), record the
+outcome, send the events. A worker lost under a job puts the job back in its fair place, once.
 
-Runs on the asyncio loop; the GPU thread's reports come back with ``call_soon_threadsafe``.
+Runs on the asyncio loop; a worker's reports come back to it in order (``_hopper``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
+from engine.cluster import Worker, WorkerLostError
 from engine.core.admission import Admission
 from engine.core.job import JobHandle, LiveJob
 from engine.core.plan import QueuePlanner
-from engine.core.runner import RunOutput
+from engine.cluster.runner import RunOutput
 from engine.errors import EngineError, JobCancelledError
-from engine.workers import WorkerThread
 from engine.history import Deliveries, HistoryStore, PresetStore, RoutingFeedback, SeenKeys, StorageError
 from engine.jobs import (
     JobCancelled,
@@ -26,6 +29,7 @@ from engine.jobs import (
     JobFinished,
     JobPreviewed,
     JobProgressed,
+    JobQueued,
     JobResult,
     JobStarted,
     JobStatus,
@@ -33,10 +37,11 @@ from engine.jobs import (
 )
 from engine.pipelines import Preview
 from engine.safety import Attempt
-from engine.scheduler import RoundRobin, needed_soon
+from engine.scheduler import Pick, RoundRobin, needed_soon, pick_for_worker
 
 log = logging.getLogger(__name__)
 
+MAX_WORKER_LOSSES = 2  # a job present at this many worker deaths fails (crash-loop guard)
 STOPPED_MESSAGE = "The bot stopped before your job finished; it is kept and will run when the bot is back."
 
 
@@ -45,7 +50,7 @@ class Dispatcher(QueuePlanner):
 
     _history: HistoryStore | None
     _resumed: dict[str, JobHandle]
-    _executor: WorkerThread
+    _runs: set[asyncio.Task[None]]
     _admission: Admission
     _round_robin: RoundRobin
     _arrivals: Iterator[int]
@@ -77,30 +82,57 @@ class Dispatcher(QueuePlanner):
         """Platform ids already handled (Slack event and trigger ids), kept across restarts."""
         return SeenKeys(self.history)
 
-    # -- the dispatcher: one job at a time on the GPU thread ------------------------------
+    # -- the dispatcher: each free worker takes the scheduler's pick for it --------------------
 
     async def _dispatch(self) -> None:
-        while True:
-            while not self._queue and not self._closing:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            if self._closing:
-                return
-            job = self._next_job()  # the scheduler's pick
-            try:
-                await self._run(job)  # its run, in numbered steps
-            except Exception:  # the history itself failed: answer the job, keep the dispatcher
-                log.exception("job %s: could not be recorded", job.id)
-                self._emit_final(job, JobFailed(job.id, "HistoryError", f"Sorry, something went wrong (job `{job.id}`)."))
-            finally:
-                self._running = None
-                self._queue_changed()
+        """Starts jobs on free workers whenever something changed (a job queued, a job ended, a
+        worker came back); each run is a task of its own, and starts the next pick as it ends."""
+        while not self._closing:
+            self._wakeup.clear()
+            self._start_free_workers()
+            await self._wakeup.wait()
 
-    def _next_job(self) -> LiveJob:
-        """The scheduler picks; the jobs it overtakes are counted, which bounds how often that happens."""
+    def _start_free_workers(self) -> None:
+        """Every free, live worker takes its pick (none: it idles until something changes)."""
+        for worker in self._workers:
+            name = worker.info.name
+            if self._closing or not self._queue:
+                return
+            if name in self._running or not worker.alive:
+                continue
+            job = self._next_job(worker)
+            if job is not None:
+                self._running[name], job.worker = job, name  # taken before the task runs: the next worker sees it busy
+                task = asyncio.create_task(self._run_guarded(job, worker), name=f"promptpics-run-{job.id}")
+                self._runs.add(task)
+                task.add_done_callback(self._runs.discard)
+
+    async def _run_guarded(self, job: LiveJob, worker: Worker) -> None:
+        try:
+            await self._run(job, worker)  # its run, in numbered steps
+        except Exception:  # the history itself failed: answer the job, keep the dispatcher
+            log.exception("job %s: could not be recorded", job.id)
+            self._emit_final(job, JobFailed(job.id, "HistoryError", f"Sorry, something went wrong (job `{job.id}`)."))
+        finally:
+            self._running.pop(worker.info.name, None)
+            self._queue_changed()
+            self._wakeup.set()
+            self._start_free_workers()  # at once, as one worker always did: no loop turn for others to slip in
+
+    def _next_job(self, worker: Worker) -> LiveJob | None:
+        """The scheduler picks for this worker; the jobs it overtakes are counted, which bounds how
+        often that happens (passes are counted over all workers). One worker: the scheduler's own
+        pick, as before workers; several: ``pick_for_worker`` (engine/scheduler/multi.py)."""
         now = time.perf_counter()
-        resident, parked = self._placements()
-        pick = self._scheduler.pick([j.view() for j in self._queue], resident, now, parked)
+        views = [j.view() for j in self._queue]
+        if len(self._workers) == 1:
+            resident, parked = worker.placement_sets()
+            pick: Pick | None = self._scheduler.pick(views, resident, now, parked)
+        else:
+            mine, *others = sorted(self._worker_views(now), key=lambda v: v.name != worker.info.name)
+            pick = pick_for_worker(self._scheduler, views, mine, others, now, self._timings)
+        if pick is None:
+            return None
         by_id = {j.id: j for j in self._queue}
         for passed_id in pick.passed_over:
             by_id[passed_id].passed(now)
@@ -125,39 +157,39 @@ class Dispatcher(QueuePlanner):
         self._admission.release(job.user_key)
         self._queue_changed()
 
-    async def _run(self, job: LiveJob) -> None:
-        assert self._runner is not None
+    async def _run(self, job: LiveJob, worker: Worker) -> None:
         # 1. started: what the ETAs and the eviction rule read while it runs
-        job.status, self._running = JobStatus.RUNNING, job
+        job.status, job.worker = JobStatus.RUNNING, worker.info.name
         started = job.started_mono = time.perf_counter()
-        ready, _ = self._placements()
+        ready, _ = worker.placement_sets()
         job.load_expected_s = 0.0 if job.params.model_id in ready else self._timings.expected_load_s(job.params.model_id)
         # what to keep when something must be evicted: the models the next planned jobs need
-        self._runner.residency.set_needed_soon(needed_soon(self._current_plan().planned))
+        worker.set_needed_soon(needed_soon(self._current_plan().planned))
         queue_wait = started - job.queued_mono
         self._emit(job, JobStarted(job.id, job.params.model_id))
-        # 2. the GPU thread's reports (progress, previews, attempts) hop to the loop.
+        # 2. the worker's reports (progress, previews, attempts) hop to the loop, in order.
         #    Each attempt of the safety loop opens and closes its row as it happens (a crash keeps them).
-        recorder = _AttemptRecorder(self.history, job.id)
+        recorder = _AttemptRecorder(self.history, job.id, worker.info.name)
+        hop = _hopper(asyncio.get_running_loop())
 
-        def on_step(step: int, total: int) -> None:  # GPU thread -> loop
+        def on_step(step: int, total: int) -> None:  # worker -> loop
             now = time.perf_counter()
             if step == 1 or job.first_step_at is None:  # a new attempt starts counting again
                 job.first_step_at = now
             job.step, job.last_step_at = step, now
-            self._executor.call_soon_threadsafe(self._emit, job, JobProgressed(job.id, step, total))
+            hop(self._emit, job, JobProgressed(job.id, step, total))
 
-        def on_preview(preview: Preview) -> None:  # GPU thread -> loop
+        def on_preview(preview: Preview) -> None:  # worker -> loop
             job.previewed = True
-            self._executor.call_soon_threadsafe(self._emit, job, JobPreviewed(
+            hop(self._emit, job, JobPreviewed(
                 job.id, preview.step, preview.total, preview.image, preview.mime, preview.width, preview.height))
 
-        def on_attempt(attempt: Attempt) -> None:  # GPU thread -> loop, in order
-            self._executor.call_soon_threadsafe(recorder.add, attempt)
+        def on_attempt(attempt: Attempt) -> None:  # worker -> loop, in order
+            hop(recorder.add, attempt)
             if attempt.outcome is not None and attempt.outcome != "succeeded" and job.previewed:
                 # the safety loop rejected that image: its preview must not stay up
                 job.previewed = False
-                self._executor.call_soon_threadsafe(self._emit, job, JobPreviewed(job.id, 0, job.params.steps, b"", ""))
+                hop(self._emit, job, JobPreviewed(job.id, 0, job.params.steps, b"", ""))
             if attempt.outcome is None:
                 job.step, job.first_step_at = 0, None
 
@@ -165,12 +197,12 @@ class Dispatcher(QueuePlanner):
             return Timings(queue_wait, out.load_s if out else 0.0, out.generate_s if out else 0.0,
                            time.perf_counter() - job.queued_mono)
 
-        # 3. on the GPU thread: make resident, generate, safety checks, PNG (JobRunner.run_blocking)
+        # 3. on the worker: make resident, generate, safety checks, PNG (JobRunner.run_blocking)
         try:
             try:
-                out: RunOutput = await self._executor.submit(self._runner.run_blocking, job.id, job.params, on_step,
-                                                             job.cancel, job.request.nsfw_allowed, on_attempt,
-                                                             on_preview)
+                out: RunOutput = await worker.run(job.id, job.params, nsfw_allowed=job.request.nsfw_allowed,
+                                                  cancel=job.cancel, on_step=on_step, on_attempt=on_attempt,
+                                                  on_preview=on_preview)
             finally:
                 await recorder.drain()
         # 4. the outcome, recorded in the history, then the job's final event
@@ -181,6 +213,8 @@ class Dispatcher(QueuePlanner):
                 return
             log.info("job %s: cancelled while running", job.id)
             await self._finish(job, JobStatus.CANCELLED, JobCancelled(job.id, while_running=True), timings())
+        except WorkerLostError as exc:
+            await self._lost(job, exc, timings())
         except EngineError as exc:
             log.warning("job %s: %s", job.id, exc.user_message, exc_info=exc.__cause__ is not None)
             await self._finish(job, JobStatus.FAILED, JobFailed(job.id, type(exc).__name__, exc.user_message), timings())
@@ -190,12 +224,35 @@ class Dispatcher(QueuePlanner):
             await self._finish(job, JobStatus.FAILED, JobFailed(job.id, "GenerationError", message), timings())
         else:
             final = getattr(out, "params", None) or job.params  # the safety loop may have fallen back
-            # what the job held the GPU thread for, the load apart: generation, safety checks and
+            # what the job held the worker for, the load apart: generation, safety checks and
             # retries, PNG; what the next job in line waits for
             busy_s = max(out.generate_s, time.perf_counter() - started - out.load_s)
             self._timings.record_job(final, generate_s=busy_s, load_s=out.load_s)
             self._costs_version += 1
             await self._succeed(job, out, timings(out))
+
+    async def _lost(self, job: LiveJob, exc: WorkerLostError, timings: Timings) -> None:
+        """The worker died or hung under the job: not the job's fault. Its open attempt is closed
+        as interrupted and it goes back to its fair place (its arrival and round-robin tag kept),
+        once; a job present at a second loss fails with a sentence (it may be what kills them)."""
+        job.worker_losses += 1
+        log.warning("job %s: worker %s lost (%s); loss %d", job.id, exc.worker, exc.why, job.worker_losses)
+        if self._closing:  # stays RUNNING in the history: taken back at the next start
+            self._emit_final(job, JobFailed(job.id, "EngineStopped", STOPPED_MESSAGE))
+            return
+        await self.history.requeue_job(job.id, finished_at=time.time())  # its open attempt: interrupted
+        if job.worker_losses >= MAX_WORKER_LOSSES:
+            message = (f"This job was running when a GPU worker stopped ({exc.why}), {job.worker_losses} times; "
+                       "it is not tried again in case it is what stops them.")
+            await self._finish(job, JobStatus.FAILED, JobFailed(job.id, "WorkerLost", message), timings)
+            return
+        job.status, job.step, job.first_step_at, job.previewed = JobStatus.QUEUED, 0, None, False
+        job.started_mono, job._view = None, None
+        self._admission.hold(job.user_key)  # its seat again, over any cap: it was accepted long ago
+        self._queue.append(job)  # fair order is by (tag, arrival): the same place it had
+        self._queue_changed()
+        self._emit(job, JobQueued(job.id, self._position(job.id), job.params, eta_s=self.eta(job.id)))
+        self._wakeup.set()
 
     async def _succeed(self, job: LiveJob, out: RunOutput, timings: Timings) -> None:
         params = out.params or job.params
@@ -238,12 +295,29 @@ class Dispatcher(QueuePlanner):
             q.put_nowait(event)
 
 
+def _hopper(loop: asyncio.AbstractEventLoop) -> Callable[..., None]:
+    """``hop(fn, *args)``: ``fn(*args)`` on the loop, in the order hopped. From the loop itself (a
+    worker in another process reports there) it runs at once; from a worker's thread it is queued
+    on the loop, ahead of the run's own result, so nothing reported is read after the run ends."""
+    loop_thread = threading.get_ident()
+
+    def hop(fn: Callable[..., Any], *args: Any) -> None:
+        if threading.get_ident() == loop_thread:
+            fn(*args)
+        elif not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(fn, *args)
+            except RuntimeError:  # the loop closed between the check and the call
+                pass
+    return hop
+
+
 class _AttemptRecorder:
     """Writes one job's attempts to the history in the order the GPU thread reported them:
     ``outcome is None`` opens the row (``record_started``), the second report closes it."""
 
-    def __init__(self, history: HistoryStore, job_id: str) -> None:
-        self._history, self._job_id = history, job_id
+    def __init__(self, history: HistoryStore, job_id: str, worker: str = "") -> None:
+        self._history, self._job_id, self._worker = history, job_id, worker
         self._numbers: dict[int, int] = {}  # the policy's attempt n -> the history's (it goes on after restarts)
         self._last: asyncio.Task[None] | None = None
 
@@ -259,7 +333,8 @@ class _AttemptRecorder:
             await previous
         if a.outcome is None:
             self._numbers[a.n] = await self._history.record_started(
-                self._job_id, started_at=a.started_at, model_id=a.model_id, prompt_used=a.prompt_used)
+                self._job_id, started_at=a.started_at, model_id=a.model_id, prompt_used=a.prompt_used,
+                worker=self._worker)
         else:
             await self._history.record_attempt_end(
                 self._job_id, self._numbers[a.n], outcome=a.outcome, verdicts=a.verdicts,

@@ -1,23 +1,25 @@
-"""Engine: submit, cancel, status and events; owns the queue, the GPU thread and its runner.
+"""Engine: submit, cancel, status and events; owns the queue and the GPU workers.
 
-Everything here runs on the asyncio loop and never waits on torch: torch work is handed to
-the GPU thread (a ``WorkerThread``) and awaited as a future; progress comes back with ``call_soon_threadsafe``.
-The dispatcher (dispatch.py) and the queue plan (plan.py) are its bases; the seats in the
-queue are admission.py's.
+Everything here runs on the asyncio loop and never waits on torch: torch work is handed to a
+worker (engine/cluster/: embedded, the GPU thread in this process; or Ray actors) and awaited.
+The dispatcher (dispatch.py), the queue plan (plan.py) and the admin calls (admin.py) are its
+bases; the seats in the queue are admission.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from engine.cluster import Worker
+from engine.cluster.local import LocalWorker
 from engine.config import Config
+from engine.core.admin import Admin
 from engine.core.admission import Admission
 from engine.core.dispatch import STOPPED_MESSAGE, Dispatcher
 from engine.core.feedback import explicit_fields, record_quietly, start_with_learned, switch_fields
@@ -25,16 +27,11 @@ from engine.core.job import JobHandle, LiveJob, user_key
 from engine.core.normalise import check_request, clean_prompt, normalise, requested_model
 from engine.core.plan import CostBook, QueuePlan, recorded_busy_s
 from engine.core.presets import ModelPresets
-from engine.core.runner import JobRunner, default_runner_blocking
-from engine.errors import EngineClosedError
-from engine.workers import WorkerThread
+from engine.cluster.runner import JobRunner
+from engine.errors import EngineClosedError, RequestError
 from engine.history import DataFolderLock, HistoryStore, StoredJob
 from engine.jobs import EngineEvent, GenerationParams, JobCancelled, JobFailed, JobQueued, JobRequest, JobStatus
-from engine.llm import ChatLLM, LLMCache
-from engine.pipelines import configure_torch_blocking, resolve_device_blocking, resolve_dtype
-from engine.placement.start import auto_placement_blocking
 from engine.placement.traffic import RECENT_JOBS
-from engine.residency import ResidencyStatus, ResidentModel
 from engine.router import Router, build_router, explicit_choice
 from engine.scheduler import RoundRobin, make_scheduler
 
@@ -43,30 +40,36 @@ log = logging.getLogger(__name__)
 SEED_JOBS = 500  # recent finished jobs read at start to seed the ETAs
 
 
-class Engine(Dispatcher):
+class Engine(Admin, Dispatcher):
     """``async with Engine(config) as engine: handle = await engine.submit(JobRequest(...))``."""
 
     def __init__(self, config: Config, *, history: HistoryStore | None = None, router: Router | None = None,
-                 runner_factory: Callable[[Config, Any, Any], JobRunner] | None = None) -> None:
+                 runner_factory: Callable[[Config, Any, Any], JobRunner] | None = None,
+                 workers: Sequence[Worker] | None = None) -> None:
         self.config = config
         self._history = history  # None: the engine opens (and closes) the one in config.data_dir
         self._owns_history = history is None
         self._data_lock: DataFolderLock | None = None  # one process runs the jobs of a data folder
         self._resumed: dict[str, JobHandle] = {}  # jobs taken back at start, until each is final
-        # The router LLM runs on the GPU thread, between jobs (docs/ROUTER.md).
-        self._router = router or build_router(
-            config, run_on_gpu_thread=lambda fn, *args: self._executor.submit(fn, *args), llm=self._router_llm_blocking)
-        self._runner_factory = runner_factory or default_runner_blocking
-        self._executor = WorkerThread("promptpics-gpu")
+        self._runner_factory = runner_factory
+        # embedded (the default): one GPU thread here; Ray modes: the workers are made at entry;
+        # ``workers`` given: those (tests and benchmarks drive several in one process)
+        self._workers: list[Worker] = list(workers) if workers else (
+            [LocalWorker(runner_factory=runner_factory)] if config.cluster.embedded else [])
+        local = self._workers[0] if self._workers else None
+        # The router LLM runs on the GPU thread, between jobs (docs/ROUTER.md); with Ray workers
+        # it has a thread of its own here (docs/CLUSTER.md).
+        self._router = router or (build_router(config) if not isinstance(local, LocalWorker) else build_router(
+            config, run_on_gpu_thread=local.call, llm=lambda: local.chat_llm_blocking(config.router_llm_id)))
         self._scheduler = make_scheduler(config.scheduler)
         self._round_robin = RoundRobin()
         self._timings = CostBook()  # the scheduler's per-model timings and the per-job ETA costs
         self._arrivals = itertools.count()
-        self._runner: JobRunner | None = None
-        self._llms: LLMCache | None = None  # the chat LLMs, shared by the router and the safety rewriter
+        self._started = False
         self._queue: deque[LiveJob] = deque()
         self._jobs: dict[str, LiveJob] = {}
-        self._running: LiveJob | None = None
+        self._running: dict[str, LiveJob] = {}  # worker name -> the job it runs
+        self._runs: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
         self._closing = False
         self._admission = Admission(config.limits.max_queued_jobs, config.scheduler.max_queued_per_user)
@@ -77,7 +80,6 @@ class Engine(Dispatcher):
         self._costs_version = 0
         self._plan_cache: QueuePlan | None = None
         self._publish_pending = False
-        self.device: Any = None
         self.presets: ModelPresets | None = None  # set on entry: steps/guidance chosen from /sweep sheets
 
     # -- lifetime --------------------------------------------------------------------------
@@ -91,13 +93,11 @@ class Engine(Dispatcher):
             if self._history is None:
                 self._history = await HistoryStore.open(self.config.data_dir,
                                                         busy_timeout_s=self.config.history.busy_timeout_s)
-            self._executor.start()
             try:
                 self.presets = ModelPresets(self.config, self._history)
                 await self.presets.load()
-                # 2. the GPU thread, the runner, the ETAs; 3. the jobs an earlier run left
-                shares = await self._traffic()
-                self._runner = await self._executor.submit(functools.partial(self._setup_blocking, shares))
+                # 2. the workers (their runners), the ETAs; 3. the jobs an earlier run left
+                await self._start_workers(await self._traffic())
                 await self._seed_timings()
                 await start_with_learned(self._router, self.feedback)  # what `router learn` applied
                 await self._take_back_unfinished()
@@ -105,7 +105,7 @@ class Engine(Dispatcher):
                     await self.history.prune_images(self.config.history.keep_images_days)
             except BaseException:
                 self._admission.closed = True
-                await self._executor.stop()
+                await self._stop_workers()
                 await self._close_history()
                 raise
         except BaseException:
@@ -129,23 +129,22 @@ class Engine(Dispatcher):
             return None
         return await self._history.model_shares(RECENT_JOBS) or None
 
-    def _setup_blocking(self, shares: dict[str, float] | None = None) -> JobRunner:
-        device = resolve_device_blocking(self.config.device)
-        configure_torch_blocking(device)
-        self.device = device
-        # runs before the dispatcher starts: nothing reads the config concurrently yet
-        self.config = auto_placement_blocking(self.config, device, shares)
-        return self._runner_factory(self.config, device, resolve_dtype(device, self.config.cuda_dtype))
+    async def _start_workers(self, shares: dict[str, float] | None) -> None:
+        """Make the workers (Ray modes) and start them all; the config the first one runs with
+        (the auto placement for its card) is the engine's. Runs before the dispatcher starts:
+        nothing reads the config concurrently yet."""
+        if not self._workers:
+            from engine.cluster.modes import make_workers  # ray, lazily: only the Ray modes import it
 
-    def _llm_cache_blocking(self) -> LLMCache:
-        """GPU thread: the runner's chat-LLM cache (the safety rewriter's), or one of our own."""
-        if self._llms is None:
-            self._llms = getattr(self._runner, "llms", None) or LLMCache(
-                self.device, resolve_dtype(self.device, self.config.cuda_dtype))
-        return self._llms
+            self._workers = await asyncio.to_thread(make_workers, self.config, self._runner_factory)
+        configs = await asyncio.gather(*(w.start(self.config, shares) for w in self._workers))
+        self.config, self._started = configs[0], True
 
-    def _router_llm_blocking(self) -> ChatLLM:
-        return self._llm_cache_blocking().get_blocking(self.config.router_llm_id)
+    async def _stop_workers(self) -> None:
+        results = await asyncio.gather(*(w.stop() for w in self._workers), return_exceptions=True)
+        for worker, result in zip(self._workers, results):
+            if isinstance(result, Exception):
+                log.warning("worker %s did not stop cleanly: %s", worker.info.name, result)
 
     async def warm_up_router(self) -> None:
         """Load the router's embedding model and LLM now rather than on the first prompt."""
@@ -163,23 +162,21 @@ class Engine(Dispatcher):
             job = self._queue.popleft()
             self._admission.release(job.user_key)
             self._emit_final(job, JobFailed(job.id, "EngineStopped", STOPPED_MESSAGE))
-        if self._running is not None:
-            self._running.cancel.set()
+        for name, job in self._running.items():
+            job.cancel.set()
+            self._worker(name).cancel(job.id)
         self._wakeup.set()
         if self._dispatcher is not None:
             await self._dispatcher
+        while self._runs:  # the jobs running now end within a step ("kept for the next start")
+            await asyncio.gather(*self._runs, return_exceptions=True)
         # submits already past their seat finish (routing may still use the GPU thread): each
         # ends recorded and answered "kept for the next start", or refused
         await self._admission.all_entered()
-        if self._runner is not None:
-            await self._executor.submit(self._runner.residency.unload_all_blocking)
-        llms = self._llms or getattr(self._runner, "llms", None)
-        if llms is not None:
-            await self._executor.submit(llms.release_all_blocking)
         router_aclose = getattr(self._router, "aclose", None)
         if router_aclose is not None:
             await router_aclose()
-        await self._executor.stop()
+        await self._stop_workers()
         await self._close_history()
         self._release_data_folder()
 
@@ -289,7 +286,10 @@ class Engine(Dispatcher):
         spec = self.config.model(decision.model_id)
         if self.presets is not None:  # a /sweep preset stands over config.toml's steps and guidance
             spec = self.presets.apply(spec)
-        return normalise(request, spec, self.config, route_reason=decision.reason)
+        params = normalise(request, spec, self.config, route_reason=decision.reason)
+        if len(self._workers) > 1 and not any(w.fits(params.model_id) for w in self._workers):
+            raise RequestError("model", params.model_id, "no GPU worker's card can hold it (see /workers)")
+        return params
 
     async def _record_and_queue(self, request: JobRequest, params: GenerationParams, explicit: str | None) -> JobHandle:
         """The seat is held: record the job, then queue it on that seat (or give it back)."""
@@ -335,6 +335,8 @@ class Engine(Dispatcher):
             return True
         job.cancelled_by_user = True
         job.cancel.set()  # the step callback sees it on the GPU thread
+        if job.worker:
+            self._worker(job.worker).cancel(job.id)  # a worker in another process has its own flag
         return True
 
     async def record_feedback(self, kind: str, prompt: str, chosen_model: str, **fields: Any) -> bool:
@@ -351,52 +353,6 @@ class Engine(Dispatcher):
     def status(self, job_id: str) -> JobStatus | None:
         job = self._jobs.get(job_id)
         return job.status if job else None
-
-    # -- admin -----------------------------------------------------------------------------
-
-    async def preload(self, model_id: str, *, pin: bool = False) -> float:
-        """Make a model resident ahead of demand (admin); runs on the GPU thread between jobs.
-        ``pin``: exempt it from eviction by the cost rule. Returns the seconds spent loading
-        (0.0 if it was already resident)."""
-        runner = self._check_open()
-        spec = self.config.model(self._known_model(model_id))
-        try:
-            return float(await self._executor.submit(functools.partial(runner.residency.preload_blocking, spec, pin=pin)))
-        finally:
-            self._queue_changed()  # what is loaded changed: the plan and the ETAs with it
-
-    async def pin(self, model_id: str, pinned: bool = True) -> None:
-        """Pin (or unpin) a model: a pinned model is not evicted to make room (admin)."""
-        runner = self._check_open()
-        await self._executor.submit(runner.residency.pin_blocking, self._known_model(model_id), pinned)
-
-    def residency_status(self) -> ResidencyStatus | None:
-        """Which model is where, bytes, last use, pins; the GPU budget, used and free; the RAM tier."""
-        return self._runner.residency.status() if self._runner else None
-
-    async def unload(self, model_id: str) -> bool:
-        """Drop a model from memory (admin); False if it was not loaded."""
-        runner = self._check_open()
-        try:
-            return bool(await self._executor.submit(runner.residency.unload_blocking, self._known_model(model_id)))
-        finally:
-            self._queue_changed()
-
-    def _check_open(self) -> JobRunner:
-        """The runner, for an admin call; refused at once when the engine is not running
-        (never queued onto a GPU thread that has stopped)."""
-        if self._closing or self._runner is None:
-            raise EngineClosedError("admin")
-        return self._runner
-
-    def _known_model(self, model_id: str) -> str:
-        return requested_model(JobRequest(prompt="-", model=model_id), self.config) or self.config.default_model
-
-    def _resident_ids(self) -> frozenset[str]:
-        return frozenset(m.model_id for m in self.resident_models())
-
-    def resident_models(self) -> tuple[ResidentModel, ...]:
-        return self._runner.residency.snapshot() if self._runner else ()
 
     def subscribe(self) -> asyncio.Queue[EngineEvent]:
         """Every job's events, and a ``QueueMoved`` after each change of the queue (for the

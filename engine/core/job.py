@@ -31,6 +31,8 @@ class LiveJob:
     passed_over: int = 0
     first_passed_at: float | None = None
     started_mono: float | None = None
+    worker: str = ""  # the worker running it (or that ran it last)
+    worker_losses: int = 0  # times a worker died or hung under it: the second one fails it
     # what the ETAs see of a running job (written on the GPU thread, read on the loop)
     load_expected_s: float = 0.0
     step: int = 0

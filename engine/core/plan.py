@@ -35,16 +35,18 @@ import asyncio
 import statistics
 import time
 from collections import deque
-from collections.abc import Collection, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from engine.cluster import Worker
+from engine.config import Config
 from engine.core.job import LiveJob
-from engine.core.runner import JobRunner
 from engine.history import StoredJob
 from engine.jobs import EngineEvent, GenerationParams, JobStatus, QueueMoved, QueuePlace
-from engine.scheduler import Planned, QueuedJob, Scheduler, TimingBook, plan
+from engine.scheduler import Planned, QueuedJob, Scheduler, TimingBook, WorkerView, fair_order, plan, plan_workers
 
 WINDOW = 64  # recent jobs per model: old enough to average, young enough to follow a new GPU
+WORKERS_PLAN_DEPTH = 64  # several workers: jobs planned worker by worker (and shown an ETA); the rest in fair order
 REACH = 3.0  # how far (as a factor of work) beyond the recorded jobs an estimate is still shown
 
 
@@ -165,6 +167,7 @@ class QueuePlan:
     offsets: tuple[float, ...]  # per planned job: seconds after the running job ends until its image
     grounded: int  # how many leading jobs have recorded costs behind them (the rest: no ETA shown)
     index: Mapping[str, int]  # job id -> index in ``planned``
+    made_at: float = 0.0  # perf_counter when it was made (several workers: offsets count from here)
 
     def position(self, job_id: str) -> int | None:
         i = self.index.get(job_id)
@@ -187,10 +190,41 @@ def build_plan(key: Hashable, scheduler: Scheduler, queue: Sequence[QueuedJob],
                now: float, book: CostBook, busy_for_s: float) -> QueuePlan:
     """Plan the whole queue once, then walk it adding each job's own cost."""
     planned = tuple(plan(scheduler, queue, resident, now, book, parked=parked, busy_for_s=busy_for_s))
+    return _with_offsets(key, planned, params, book, now, lambda p: None)
+
+
+def build_plan_workers(key: Hashable, scheduler: Scheduler, queue: Sequence[QueuedJob],
+                       params: Mapping[str, GenerationParams], workers: Sequence[WorkerView], now: float,
+                       book: CostBook) -> QueuePlan:
+    """The plan across several workers (``plan_workers``): each job's offset is its planned end,
+    counted from ``now``, its own cost in place of its model's mean.
+
+    Simulating N workers is O(n^2) in the queue, so it plans the first ``WORKERS_PLAN_DEPTH`` jobs;
+    the rest follow in fair order, after them, with no ETA shown (their position is still theirs)."""
+    planned = plan_workers(scheduler, queue, workers, now, book, limit=WORKERS_PLAN_DEPTH)
+    shown = _with_offsets(key, tuple(planned), params, book, now, lambda p: p.start_s)
+    taken = {p.job_id for p in planned}
+    after = max((p.start_s for p in planned), default=0.0)
+    rest = [Planned(j.job_id, j.model_id, len(planned) + i + 1, after, after, False)
+            for i, j in enumerate(j for j in fair_order(queue) if j.job_id not in taken)]
+    if not rest:
+        return shown
+    everything = tuple(planned) + tuple(rest)
+    offsets = shown.offsets + tuple(after + book.job_s(params[p.job_id]) for p in rest)
+    return QueuePlan(key, everything, offsets, shown.grounded, {p.job_id: i for i, p in enumerate(everything)}, now)
+
+
+def _with_offsets(key: Hashable, planned: tuple[Planned, ...], params: Mapping[str, GenerationParams],
+                  book: CostBook, now: float, starts: Callable[[Planned], float | None]) -> QueuePlan:
+    """One worker (``starts`` gives None): the jobs run one after the other, each adding its own
+    cost. Several: each job starts when its worker is planned to take it."""
     offsets: list[float] = []
     grounded, still_grounded, t = 0, True, 0.0
     for p in planned:
         job = params[p.job_id]
+        begins = starts(p)
+        if begins is not None:  # several workers: it starts when its worker is planned to take it
+            t = begins
         if p.loads:
             t += book.expected_load_s(p.model_id)
             still_grounded = still_grounded and book.knows_load(p.model_id)
@@ -198,7 +232,7 @@ def build_plan(key: Hashable, scheduler: Scheduler, queue: Sequence[QueuedJob],
         still_grounded = still_grounded and book.confident(job)
         grounded += still_grounded
         offsets.append(t)
-    return QueuePlan(key, planned, tuple(offsets), grounded, {p.job_id: i for i, p in enumerate(planned)})
+    return QueuePlan(key, planned, tuple(offsets), grounded, {p.job_id: i for i, p in enumerate(planned)}, now)
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +244,7 @@ class QueueEntry:
     status: JobStatus
     waited_s: float
     eta_s: float | None = None  # seconds until the image is expected, from recorded per-model timings
+    worker: str = ""  # the worker running it (position 0)
 
 
 def recorded_busy_s(job: StoredJob) -> float:
@@ -220,12 +255,19 @@ def recorded_busy_s(job: StoredJob) -> float:
 
 class QueuePlanner:
     """The engine's reading of its queue: the cached plan, positions, ETAs and ``QueueMoved``.
-    A base of ``Engine``; the state it reads is set in ``Engine.__init__``."""
+    A base of ``Engine``; the state it reads is set in ``Engine.__init__``.
 
+    One worker (embedded, the default): the plan runs after the running job, in the scheduler's
+    order (``engine.scheduler.plan``, O(n log n)); an ETA is what is left of the running job plus
+    the job's offset. Several workers: each frees up in its own time, so the plan simulates them
+    all with the rule the dispatcher picks by (``plan_workers``), from the moment it was made; an
+    ETA is the job's offset less the time gone by since."""
+
+    config: Config
     _queue: deque[LiveJob]
     _jobs: dict[str, LiveJob]
-    _running: LiveJob | None
-    _runner: JobRunner | None
+    _running: dict[str, LiveJob]  # worker name -> the job it runs
+    _workers: list[Worker]
     _scheduler: Scheduler
     _timings: CostBook
     _subscribers: set[asyncio.Queue[EngineEvent]]
@@ -235,45 +277,77 @@ class QueuePlanner:
     _publish_pending: bool
 
     def queue_snapshot(self) -> list[QueueEntry]:
-        """The running job (position 0) and the queue in the order the scheduler expects to run
+        """The running jobs (position 0) and the queue in the order the scheduler expects to run
         it, each with an ETA from the recorded timings (defaults where none are recorded yet).
         Reads the cached plan: O(n)."""
         now = time.perf_counter()
-        busy_for = self._running_left_s(now)
-        entries = [self._entry(self._running, 0, now, busy_for)] if self._running is not None else []
+        entries = [self._entry(job, 0, now, self._left_s(job, now)) for job in self._running.values()]
         queue_plan = self._current_plan()
-        entries += [self._entry(self._jobs[p.job_id], p.position, now, queue_plan.rough_eta(p.job_id, busy_for))
+        base = self._eta_base(now)
+        entries += [self._entry(self._jobs[p.job_id], p.position, now, queue_plan.rough_eta(p.job_id, base))
                     for p in queue_plan.planned]
         return entries
 
     def eta(self, job_id: str) -> float | None:
-        """Seconds until ``job_id``'s image is expected: what is left of the running job, then
+        """Seconds until ``job_id``'s image is expected: what is left of the running job(s), then
         the jobs the scheduler would run first, each at its recorded cost (steps x size per
         model, load times where a model must be loaded). None for a job not running or queued,
         or while a job on the way has nothing recorded like it (no made-up numbers). O(1) on
         the cached plan."""
         now = time.perf_counter()
-        if self._running is not None and self._running.id == job_id:
-            return self._running_left_s(now) if self._running_grounded() else None
-        grounded = self._running is None or self._running_grounded()
-        return self._current_plan().eta(job_id, self._running_left_s(now), grounded)
+        job = self._jobs.get(job_id)
+        if job is not None and job.worker and self._running.get(job.worker) is job:
+            return self._left_s(job, now) if self._grounded(job) else None
+        grounded = all(self._grounded(j) for j in self._running.values())
+        return self._current_plan().eta(job_id, self._eta_base(now), grounded)
 
     def _position(self, job_id: str) -> int:
         return self._current_plan().position(job_id) or len(self._queue)
 
     def _current_plan(self) -> QueuePlan:
         """The cached plan, computed again only when the queue, the loaded models, the running
-        job's model or the recorded costs changed since."""
-        ready, parked = self._placements()
-        running = self._running.params.model_id if self._running is not None else None
-        key = (self._queue_version, self._costs_version, ready, parked, running)
+        jobs or the recorded costs changed since."""
+        placements = tuple(w.placement_sets() for w in self._workers)
+        running = tuple(sorted((name, j.id) for name, j in self._running.items()))
+        key = (self._queue_version, self._costs_version, placements, running)
         if self._plan_cache is None or self._plan_cache.key != key:
-            if running is not None:  # its model is ready once it finishes
-                ready |= {running}
-            self._plan_cache = build_plan(
-                key, self._scheduler, [j.view() for j in self._queue], {j.id: j.params for j in self._queue},
-                ready, parked, time.perf_counter(), self._timings, self._running_left_s(time.perf_counter()))
+            now = time.perf_counter()
+            views, params = [j.view() for j in self._queue], {j.id: j.params for j in self._queue}
+            if len(self._workers) > 1:
+                self._plan_cache = build_plan_workers(key, self._scheduler, views, params, self._worker_views(now),
+                                                      now, self._timings)
+            else:
+                ready, parked = placements[0] if placements else (frozenset(), frozenset())
+                job = next(iter(self._running.values()), None)
+                if job is not None:  # its model is ready once it finishes
+                    ready |= {job.params.model_id}
+                self._plan_cache = build_plan(key, self._scheduler, views, params, ready, parked, now, self._timings,
+                                              self._left_s(job, now))
         return self._plan_cache
+
+    def _worker_views(self, now: float) -> list[WorkerView]:
+        """What the multi-worker rule sees of each live worker: its placements, what it can hold,
+        the model it is busy with and for how long."""
+        views = []
+        for w in self._workers:
+            if not w.alive:
+                continue
+            ready, parked = w.placement_sets()
+            job = self._running.get(w.info.name)
+            busy = job.params.model_id if job is not None else None
+            fits = frozenset(m for m in self.config.models if w.fits(m))
+            views.append(WorkerView(w.info.name, ready | ({busy} if busy else set()), parked, fits, busy,
+                                    self._left_s(job, now)))
+        return views
+
+    def _eta_base(self, now: float) -> float:
+        """What a plan offset is counted from: the end of the running job (one worker), or the
+        moment the plan was made (several: offsets are from then)."""
+        if len(self._workers) > 1:
+            assert self._plan_cache is not None
+            return self._plan_cache.made_at - now
+        job = next(iter(self._running.values()), None)
+        return self._left_s(job, now)
 
     def _queue_changed(self) -> None:
         """Something the plan depends on changed: one ``QueueMoved`` goes out once the loop is
@@ -289,30 +363,27 @@ class QueuePlanner:
             return
         queue_plan = self._current_plan()
         now = time.perf_counter()
-        left, grounded = self._running_left_s(now), self._running is None or self._running_grounded()
-        places = tuple(QueuePlace(p.job_id, p.position, queue_plan.eta(p.job_id, left, grounded))
+        base = self._eta_base(now)
+        grounded = all(self._grounded(j) for j in self._running.values())
+        places = tuple(QueuePlace(p.job_id, p.position, queue_plan.eta(p.job_id, base, grounded))
                        for p in queue_plan.planned)
-        event = QueueMoved(places, self._running.id if self._running is not None else None)
+        event = QueueMoved(places, next(iter(self._running.values())).id if self._running else None)
         for q in self._subscribers:
             q.put_nowait(event)
 
     def _entry(self, j: LiveJob, position: int, now: float, eta_s: float) -> QueueEntry:
         user = j.request.requester.display_name or j.request.requester.user_id
-        return QueueEntry(j.id, position, j.params.model_id, user, j.status, now - j.queued_mono, round(eta_s, 1))
+        return QueueEntry(j.id, position, j.params.model_id, user, j.status, now - j.queued_mono, round(eta_s, 1),
+                          j.worker if position == 0 else "")
 
-    def _placements(self) -> tuple[frozenset[str], frozenset[str]]:
-        """(models ready on the device, models parked in RAM); none before the engine started."""
-        return self._runner.residency.placement_sets() if self._runner else (frozenset(), frozenset())
+    def _placements(self, worker: Worker | None = None) -> tuple[frozenset[str], frozenset[str]]:
+        """(models ready on the device, models parked in RAM) of one worker (default: the first);
+        none before the engine started."""
+        worker = worker or (self._workers[0] if self._workers else None)
+        return worker.placement_sets() if worker is not None else (frozenset(), frozenset())
 
-    def _plan(self, *, busy_for_s: float = 0.0, limit: int | None = None) -> list[Planned]:
-        resident, parked = self._placements()
-        if self._running is not None:  # its model is ready once it finishes
-            resident |= {self._running.params.model_id}
-        return plan(self._scheduler, [j.view() for j in self._queue], resident, time.perf_counter(), self._timings,
-                    parked=parked, busy_for_s=busy_for_s, limit=limit)
-
-    def _running_left_s(self, now: float) -> float:
-        job = self._running
+    def _left_s(self, job: LiveJob | None, now: float) -> float:
+        """What is left of a running job (0 for none)."""
         if job is None or job.started_mono is None:
             return 0.0
         pace = None
@@ -323,12 +394,9 @@ class QueuePlanner:
         steps_from = job.first_step_at if job.first_step_at is not None else job.started_mono
         return self._timings.remaining_s(job.params, now - steps_from, job.step, pace)
 
-    def _running_grounded(self) -> bool:
-        """The running job's remaining time rests on something measured: its own pace (two
+    def _grounded(self, job: LiveJob) -> bool:
+        """A running job's remaining time rests on something measured: its own pace (two
         steps in), or recorded jobs of its model (and a recorded load, if it loads)."""
-        job = self._running
-        if job is None:
-            return False
         if job.step >= 2:
             return True
         return self._timings.confident(job.params) and (

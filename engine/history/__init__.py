@@ -7,7 +7,7 @@
     feedback.py    ``RoutingFeedback``: users' model choices, learned router examples, learns (``engine.feedback``)
     dedup.py       ``SeenKeys``: platform ids already handled, with a TTL (``engine.dedup``)
     records.py     plain data returned (``StoredJob``, ``AttemptRecord``, ``DeliveryRecord``), job ids
-    stats.py       ``ModelStats``: the per-model queries and their aggregation
+    stats.py       ``ModelStats``, ``WorkerStats``: the per-model and per-worker queries
     gallery.py     ``Gallery``: the web gallery's pages, filters and full-text search (FTS5)
     timeline.py    ``HistoryTimeline``: per-day series for charts, all-time totals for metrics
     files.py       image paths, ``write_atomic`` (the engine's one atomic writer), pruning files
@@ -32,14 +32,14 @@ from engine.history.schema import (
     MIGRATIONS,
     SCHEMA_VERSION,
 )
-from engine.history.stats import ModelStats
+from engine.history.stats import ModelStats, WorkerStats
 from engine.history.store import HistoryStore
 from engine.history.timeline import TIME_BUCKETS, DayRow, Histogram, HistoryTimeline, Timeline, Totals
 
 __all__ = [
     "APPLICATION_ID", "ATTEMPT_OUTCOMES", "AttemptRecord", "DELIVERY_KINDS", "DataFolderLock", "Deliveries",
     "DeliveryRecord", "DuplicateJobError", "HistoryError", "HistoryStore", "ID_ALPHABET", "ID_LENGTH", "IMAGES_DIR",
-    "JobFinishedError", "LOCK_NAME", "MIGRATIONS", "ModelStats", "SCHEMA_VERSION", "SeenKeys", "StorageError", "StoredJob",
+    "JobFinishedError", "LOCK_NAME", "MIGRATIONS", "ModelStats", "SCHEMA_VERSION", "WorkerStats", "SeenKeys", "StorageError", "StoredJob",
     "UnknownJobError", "new_job_id", "write_atomic",
     "Facets", "Gallery", "GalleryPage", "GalleryQuery", "OUTCOMES", "thumbnail_path",
     "Preset", "PresetStore", "SHEET_KINDS", "SheetRecord",

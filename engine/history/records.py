@@ -48,6 +48,7 @@ class AttemptRecord:
     outcome: str | None  # one of ATTEMPT_OUTCOMES; None while running
     verdicts: dict[str, dict[str, Any]]  # detector -> {"flagged": bool, "score": float | None}
     retry_reason: str | None
+    worker: str = ""  # which GPU worker ran it ("gpu" embedded; "w0", "w1", ... on Ray; "" before schema v8)
 
 
 @dataclass(frozen=True, slots=True)

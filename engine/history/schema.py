@@ -196,8 +196,13 @@ CREATE TABLE router_learns (
 );
 """
 
+_V8_ATTEMPT_WORKER = """
+-- which GPU worker ran each attempt (docs/CLUSTER.md): "gpu" in embedded mode, "w0", "w1", ... on Ray
+ALTER TABLE attempts ADD COLUMN worker TEXT NOT NULL DEFAULT '';
+"""
+
 MIGRATIONS: list[str] = [_SCHEMA_V1, _V2_NSFW_ALLOWED, _V3_ORIGIN_SERVER, _V4_SEEN_KEYS, _V5_PROMPT_SEARCH,
-                         _V6_PRESETS_AND_SHEETS, _V7_ROUTING_FEEDBACK]
+                         _V6_PRESETS_AND_SHEETS, _V7_ROUTING_FEEDBACK, _V8_ATTEMPT_WORKER]
 """``MIGRATIONS[v]`` upgrades a file from ``user_version`` v to v + 1."""
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -58,6 +58,30 @@ SELECT model_used AS model_id, count(*) AS count
 GENERATE_TIMES = "SELECT model_used, generate_s FROM jobs WHERE status = 'succeeded' ORDER BY generate_s"
 
 
+@dataclass(frozen=True, slots=True)
+class WorkerStats:
+    """One GPU worker's attempts (``/stats`` with several workers): what it ran and how it ended."""
+
+    worker: str
+    attempts: int
+    succeeded: int
+    interrupted: int  # the worker died or hung under them (or the bot stopped)
+    mean_attempt_s: float | None  # start to end of its finished attempts
+
+
+WORKER_ATTEMPTS = """
+SELECT worker, count(*) AS attempts,
+       sum(outcome = 'succeeded') AS succeeded, sum(outcome = 'interrupted') AS interrupted,
+       avg(CASE WHEN finished_at IS NOT NULL THEN finished_at - started_at END) AS mean_s
+FROM attempts WHERE worker != '' GROUP BY worker ORDER BY worker
+"""
+
+
+def workers(rows: Iterable[sqlite3.Row]) -> list[WorkerStats]:
+    return [WorkerStats(r["worker"], r["attempts"], r["succeeded"] or 0, r["interrupted"] or 0, r["mean_s"])
+            for r in rows]
+
+
 def aggregate(counts_rows: Iterable[sqlite3.Row], flags_rows: Iterable[sqlite3.Row],
               times_rows: Iterable[sqlite3.Row]) -> list[ModelStats]:
     """Per model, sorted by id, from the rows of ``JOB_COUNTS``, ``ATTEMPT_FLAGS`` and ``GENERATE_TIMES``."""

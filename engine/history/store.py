@@ -112,8 +112,8 @@ class HistoryStore(Database):
         raise HistoryError(f"No free job id was found in {_ID_TRIES} tries.")
 
     async def record_started(self, job_id: str, *, started_at: float, model_id: str,
-                             prompt_used: str) -> int:
-        """Mark the job RUNNING and open its next attempt; returns the attempt number (1-based)."""
+                             prompt_used: str, worker: str = "") -> int:
+        """Mark the job RUNNING and open its next attempt (on ``worker``); returns the attempt number (1-based)."""
         async with self._write() as db:
             row = await self._status_row(db, job_id, wanted=JobStatus.RUNNING)
             n = int(row["attempt_count"]) + 1
@@ -121,8 +121,8 @@ class HistoryStore(Database):
                 "UPDATE jobs SET status = 'running', started_at = coalesce(started_at, :t),"
                 " attempt_count = :n WHERE id = :id", {"t": started_at, "n": n, "id": job_id})
             await db.execute(
-                "INSERT INTO attempts (job_id, n, model_id, prompt_used, started_at)"
-                " VALUES (?, ?, ?, ?, ?)", (job_id, n, model_id, prompt_used, started_at))
+                "INSERT INTO attempts (job_id, n, model_id, prompt_used, started_at, worker)"
+                " VALUES (?, ?, ?, ?, ?, ?)", (job_id, n, model_id, prompt_used, started_at, worker))
         log.debug("history: job %s attempt %d started on %s", job_id, n, model_id)
         return n
 
@@ -211,6 +211,19 @@ class HistoryStore(Database):
                      jobs.rowcount, attempts.rowcount)
         return await self.unfinished_jobs()
 
+    async def requeue_job(self, job_id: str, *, finished_at: float) -> int:
+        """One job's worker was lost under it: its open attempts -> 'interrupted', RUNNING -> QUEUED.
+        Returns how many of its attempts were ever interrupted."""
+        async with self._write() as db:
+            await self._status_row(db, job_id, wanted=JobStatus.QUEUED)
+            await db.execute("UPDATE attempts SET outcome = 'interrupted', finished_at = ?"
+                             " WHERE job_id = ? AND outcome IS NULL", (finished_at, job_id))
+            await db.execute("UPDATE jobs SET status = 'queued' WHERE id = ? AND status = 'running'", (job_id,))
+            async with db.execute("SELECT count(*) FROM attempts WHERE job_id = ? AND outcome = 'interrupted'",
+                                  (job_id,)) as cur:
+                row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
     async def _status_row(self, db: aiosqlite.Connection, job_id: str, *, wanted: JobStatus) -> sqlite3.Row:
         """The job's row if it is unfinished; else UnknownJobError or JobFinishedError."""
         async with db.execute("SELECT status, attempt_count FROM jobs WHERE id = ?", (job_id,)) as cur:
@@ -262,7 +275,7 @@ class HistoryStore(Database):
         return [AttemptRecord(job_id=r["job_id"], n=r["n"], model_id=r["model_id"], prompt_used=r["prompt_used"],
                               started_at=r["started_at"], finished_at=r["finished_at"], outcome=r["outcome"],
                               verdicts=json.loads(r["verdicts"]) if r["verdicts"] else {},
-                              retry_reason=r["retry_reason"]) for r in rows]
+                              retry_reason=r["retry_reason"], worker=r["worker"]) for r in rows]
 
     # -- statistics and retention ---------------------------------------------------------
 
@@ -270,6 +283,10 @@ class HistoryStore(Database):
         """Per model, sorted by id: job counts and times from ``jobs``, detector flags from ``attempts``."""
         return stats.aggregate(await self._rows(stats.JOB_COUNTS), await self._rows(stats.ATTEMPT_FLAGS),
                                await self._rows(stats.GENERATE_TIMES))
+
+    async def worker_stats(self) -> list[stats.WorkerStats]:
+        """Per GPU worker, by name: its attempts, how many succeeded and how many were interrupted."""
+        return stats.workers(await self._rows(stats.WORKER_ATTEMPTS))
 
     async def model_shares(self, last: int = 500, *, min_jobs: int = 20) -> dict[str, float]:
         """model id -> its share of the newest ``last`` jobs: the traffic the placement planner

@@ -1,8 +1,9 @@
 """Which queued job a free GPU worker takes when several workers drain one queue, and the plan
 across all of them. Pure: no torch, asyncio or clock.
 
-The engine keeps one global queue and one fair order (passes are counted globally); jobs are
-never assigned to a worker ahead of time. When a worker frees up it asks ``pick_for_worker``
+The engine keeps one global queue and one fair order (passes are counted globally, the pass
+bound scaled by the number of workers: ``scaled_bounds``); jobs are never assigned to a worker
+ahead of time. When a worker frees up it asks ``pick_for_worker``
 with a plain view of itself and of the others. Within the allowed fair prefix (the same one
 ``AffinityScheduler`` uses, so its bounds hold across all workers), among the jobs whose model
 fits this worker's card, the rules in order:
@@ -11,10 +12,10 @@ fits this worker's card, the rules in order:
 2. ``parked``: the first whose model is parked in this worker's RAM;
 3. ``load``: the first whose model is warm nowhere (not ready, parked or running on any other
    worker): someone has to load it, and this worker is free;
-4. ``second_copy``: the first whose model is warm elsewhere, but whose backlog outlasts a load:
-   (expected seconds of that model's queued jobs) / (workers holding it), plus the shortest time
-   left on those holders when all are busy, is more than its load time; else waiting for the
-   holder is cheaper than a second copy;
+4. ``second_copy``: the first whose model is warm elsewhere, but whose backlog outlasts three of
+   its loads (``SECOND_COPY_LOADS``): (expected seconds of that model's queued jobs) / (workers
+   holding it), plus the shortest time left on those holders when all are busy; else waiting
+   for the holder is cheaper than a second copy;
 5. ``bound``: the job at a fairness bound, if it fits here, runs here whatever its model, so
    no bound is ever exceeded by waiting for a warm worker.
 
@@ -30,6 +31,15 @@ from dataclasses import dataclass
 
 from engine.scheduler.policies import AffinityScheduler, FifoScheduler, Pick, QueuedJob, Scheduler, apply_pick, fair_order
 from engine.scheduler.replay import Planned, TimingBook
+
+# A second copy of a model busy elsewhere is loaded when its backlog B outlasts this many of its
+# loads L. While the copy loads, the holder keeps draining; then the two split the rest, so the
+# backlog clears at L + (B - L) / 2 instead of B: (B - L) / 2 sooner. The copy is worth it when that
+# is at least the load it causes later (it takes the room of a model this card held, loaded again
+# somewhere): (B - L) / 2 >= L, B >= 3 L. Chosen so, then checked on traces it was not chosen on
+# (bench/scheduler.py --workers 4, seeds 11-20: 11.2 loads on average where 1 L made 30-57 on
+# seeds 1-10 and 2 L made 21.0; docs/PERFORMANCE.md, "Many workers").
+SECOND_COPY_LOADS = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +78,8 @@ def pick_for_worker(scheduler: Scheduler, queue: Sequence[QueuedJob], worker: Wo
     order = fair_order(queue)
     if not order:
         return None
-    # the same prefix as AffinityScheduler.pick, counted over the global queue: the same bounds
+    # the prefix AffinityScheduler.pick uses, over the global queue, with the pass bound for N workers
+    scheduler = scaled_bounds(scheduler, len(others) + 1)
     allowed = scheduler._allowed(order, now)
     at_bound = scheduler._at_bound(allowed[-1], now)
     chosen = _choose(allowed, at_bound, queue, worker, others, book)
@@ -95,11 +106,22 @@ def _choose(allowed: list[QueuedJob], last_at_bound: bool, queue: Sequence[Queue
             return job, "load"
     queued = Counter(j.model_id for j in queue)
     for job in candidates:
-        if backlog_s(job.model_id, queued[job.model_id], others, book) > book.expected_load_s(job.model_id):
+        if backlog_s(job.model_id, queued[job.model_id], others, book) > SECOND_COPY_LOADS * book.expected_load_s(job.model_id):
             return job, "second_copy"
     if last_at_bound and candidates and candidates[-1] is allowed[-1]:
         return allowed[-1], "bound"
     return None
+
+
+def scaled_bounds(scheduler: AffinityScheduler, workers: int) -> AffinityScheduler:
+    """The pass bound K for ``workers`` workers: K x workers. A pass is one job started ahead; N
+    workers start N jobs in the time one starts one, so K x N passes are the same delay in time as
+    K on one card (the time bound T is unchanged). Counting K alone made every job whose model sat
+    on a busy worker hit its bound within a round of picks, forcing a load on whichever worker was
+    free: 32-57 loads where 15-29 do (bench/scheduler.py --workers 4, seeds 1-10)."""
+    if workers <= 1:
+        return scheduler
+    return AffinityScheduler(scheduler.max_passed_over * workers, scheduler.max_extra_wait_s)
 
 
 def backlog_s(model_id: str, queued: int, others: Sequence[WorkerView], book: TimingBook) -> float:
@@ -184,7 +206,7 @@ def _forced(scheduler: Scheduler, queue: Sequence[QueuedJob], lanes: list[_Lane]
     if type(scheduler) is not AffinityScheduler:
         return lanes[0], None  # the other policies idle only when nothing fits
     order = fair_order(queue)
-    allowed = scheduler._allowed(order, now)
+    allowed = scaled_bounds(scheduler, len(lanes))._allowed(order, now)
     for lane in sorted(lanes, key=lambda w: w.free_at):
         job = next((j for j in allowed if lane.view.can_run(j.model_id)), None)
         if job is not None:

@@ -1,7 +1,8 @@
 """What the GPU thread does for one job (``JobRunner.run_blocking``), in numbered steps: make the
 model resident, generate, check (the safety loop may rewrite, retry or fall back), encode the PNG.
 
-Everything here runs on the GPU thread; the dispatcher (dispatch.py) hands it over and awaits it.
+Everything here runs on a worker's GPU thread (local.py; inside a Ray actor for ray_worker.py); the
+dispatcher (engine/core/dispatch.py) hands it over and awaits it.
 """
 
 from __future__ import annotations
