@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import Config
-from engine.core.runner import JobRunner, RunOutput
+from engine.cluster.runner import JobRunner, RunOutput
 from engine.jobs import GenerationParams
 from engine.residency import ResidencyManager
 

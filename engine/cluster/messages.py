@@ -12,7 +12,7 @@ from engine.cluster import WorkerInfo
 
 if TYPE_CHECKING:
     from engine.config import Config
-    from engine.core.runner import RunOutput
+    from engine.cluster.runner import RunOutput
     from engine.residency import ResidencyStatus, ResidentModel
 
 

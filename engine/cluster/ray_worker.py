@@ -33,7 +33,7 @@ from engine.safety import Attempt
 
 if TYPE_CHECKING:
     from engine.config import Config
-    from engine.core.runner import RunOutput
+    from engine.cluster.runner import RunOutput
     from engine.jobs import GenerationParams
     from engine.pipelines import PreviewCallback
     from engine.residency import ResidencyStatus, ResidentModel
