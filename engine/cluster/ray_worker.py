@@ -16,6 +16,7 @@ Two halves, one module (what they send each other: messages.py):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -193,6 +194,7 @@ class RayWorker:
         self._stopped = False
         self._streams: dict[str, Any] = {}
         self._needed: tuple[str, ...] = ()
+        self._restarting: asyncio.Future[Config] | None = None
         self.pid: int | None = None  # the actor's process (tests kill it; /workers may show it)
 
     # -- what the engine reads (cached) ------------------------------------------------------
@@ -241,6 +243,8 @@ class RayWorker:
         if self._stopped:
             return
         self._stopped = True
+        if self._restarting is not None:
+            self._restarting.cancel()
         for job_id in list(self._streams):
             self.cancel(job_id)
         try:
@@ -326,8 +330,32 @@ class RayWorker:
     async def _ready(self) -> None:
         if self._stopped or self._asked is None:
             raise EngineClosedError(self._name)
+        restarting, self._restarting = self._restarting, None
+        if restarting is not None:
+            with contextlib.suppress(Exception):  # logged (_log_restart); this job starts it below
+                await restarting
         if not self._started:
             await self._start()
+
+    def _restart_soon(self) -> None:
+        """After a loss: start the restarted actor now (Ray brings its process back in a second
+        or two), so the next job does not wait for its runner to be built."""
+        if self._stopped or self._restarting is not None:
+            return
+        self._restarting = asyncio.ensure_future(self._start_again())
+        self._restarting.add_done_callback(self._log_restart)
+
+    async def _start_again(self, tries: int = 3) -> Config:
+        # a call sent before Ray has seen the old process die fails with it: the next one waits
+        # for the restarted process
+        for _ in range(tries - 1):
+            with contextlib.suppress(WorkerLostError):
+                return await self._start()
+        return await self._start()
+
+    def _log_restart(self, task: asyncio.Future[Config]) -> None:
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.warning("worker %s: not started again yet (%s); the next job tries again", self._name, error)
 
     async def _call(self, awaitable: Any, hung: str, timeout_s: float | None = None) -> Any:
         """Await the actor; its death, or no answer within ``timeout_s`` (the actor is then
@@ -350,6 +378,7 @@ class RayWorker:
         """Its models died with it; what fits its card did not (the dispatcher keeps sending it
         jobs, and the first one starts it again)."""
         self._residency, self._started = Residency(fits=self._residency.fits), False
+        self._restart_soon()
         return WorkerLostError(self._name, why)
 
     def _raise(self, answer: Any) -> Any:
