@@ -79,3 +79,33 @@ def results_go_unrecorded(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         yield
     finally:
         crashing = False
+
+
+# -- Ray (the [cluster] extra): one local Ray per test module that asks for it ----------------
+
+RAY_RESOURCE = "promptpics_worker"  # a custom resource stands in for GPUs on CPU machines
+
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Local Ray with two units of ``RAY_RESOURCE`` (two workers), started as the bot's mode
+    "local" starts it; shut down after the module. Held jobs (tests/held_runner.py) leave their
+    markers in a folder every process on the machine sees."""
+    ray = pytest.importorskip("ray", reason="install the [cluster] extra: pip install -e '.[cluster]'")
+    from engine.cluster.modes import join_ray
+    from engine.config import ClusterSettings
+    from tests.held_runner import HOLD_DIR
+
+    os.environ[HOLD_DIR] = str(tmp_path_factory.mktemp("held"))  # before Ray starts: its processes inherit it
+    join_ray(ClusterSettings(mode="local", resource=RAY_RESOURCE, workers=2))
+    yield ray
+    ray.shutdown()
+    del os.environ[HOLD_DIR]
+
+
+def cluster_test_config(tiny_models: Any, data_dir: Path) -> Config:
+    """The tiny twins with a preview at every step (unchecked: no detector in the way)."""
+    from engine.config import PreviewSettings
+
+    config = make_tiny_config(tiny_models, data_dir)
+    return config.model_copy(update={"previews": PreviewSettings(policy="unchecked", every_steps=1, min_interval_s=0.0)})

@@ -39,6 +39,13 @@ def test_only_the_pipeline_loaders_and_the_tiny_builders_import_diffusers() -> N
                      "engine/tiny/parts.py"]
 
 
+def test_only_the_ray_worker_imports_ray() -> None:
+    # Ray is an optional extra ([cluster]); its one import sits inside a function there (import_ray)
+    users = sorted(str(p.relative_to(REPO)) for root in ("engine", "bot", "web") for p in (REPO / root).rglob("*.py")
+                   if "ray" in imported_roots(p))
+    assert users == ["engine/cluster/ray_worker.py"]
+
+
 def test_importing_the_engine_and_the_cli_loads_no_torch() -> None:
     # Nothing runs at import time: the bot must start answering before torch is even imported.
     code = "import sys, engine, bot.cli; print(sorted(m for m in sys.modules if m.split('.')[0] in %r))" % TORCH_WORLD

@@ -9,6 +9,7 @@
                     the default; imports no ray)
     ray_worker.py   RayWorker: one Ray actor per GPU (modes "local" and "cluster"); ray is
                     imported there, lazily, and nowhere else in the engine
+    messages.py     what a RayWorker and its actor send each other (plain data)
     modes.py        the workers a ``[cluster]`` table asks for
 
 Contract of ``Worker.run`` (tests/test_worker_contract.py runs one body against every kind):
