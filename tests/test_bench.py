@@ -40,7 +40,7 @@ DRIVES: dict[str, str] = {"placement_sweep.py": "scheduler.py"}
 # Run elsewhere with its smallest arguments: tests/test_engine_load.py checks every key it reports.
 RUN_ELSEWHERE = {"load.py"}
 # CUDA only (they exit with a readable line on a machine without it): --help and imports here.
-CUDA_ONLY = {"gpu_check.py", "quant_gpu.py", "residency_gpu.py", "safety_gpu_check.py"}
+CUDA_ONLY = {"cluster_gpu.py", "gpu_check.py", "quant_gpu.py", "residency_gpu.py", "safety_gpu_check.py"}
 
 
 def run(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

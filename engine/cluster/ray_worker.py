@@ -205,7 +205,10 @@ class RayWorker:
 
     @property
     def alive(self) -> bool:
-        return self._asked is not None and not self._stopped
+        """Started and not stopped. A lost worker being started again in the background is not:
+        the dispatcher sends its jobs to the others meanwhile. If that restart failed, it is
+        alive again, so that its next job starts it (``_ready``)."""
+        return self._asked is not None and not self._stopped and (self._started or self._restarting is None)
 
     def placement_sets(self) -> tuple[frozenset[str], frozenset[str]]:
         return self._residency.ready, self._residency.parked

@@ -9,6 +9,7 @@ Runs on the asyncio loop; a worker's reports come back to it in order (``_hopper
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -41,6 +42,7 @@ from engine.scheduler import Pick, RoundRobin, needed_soon, pick_for_worker
 
 log = logging.getLogger(__name__)
 
+WORKER_BACK_POLL_S = 0.5  # while a worker is down and jobs wait: how often to see whether it is back
 MAX_WORKER_LOSSES = 2  # a job present at this many worker deaths fails (crash-loop guard)
 STOPPED_MESSAGE = "The bot stopped before your job finished; it is kept and will run when the bot is back."
 
@@ -90,7 +92,13 @@ class Dispatcher(QueuePlanner):
         while not self._closing:
             self._wakeup.clear()
             self._start_free_workers()
-            await self._wakeup.wait()
+            if self._queue and not all(w.alive for w in self._workers):
+                # a worker is coming back (started again after a loss): look again now and then,
+                # as nothing else may change until it is up
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), WORKER_BACK_POLL_S)
+            else:
+                await self._wakeup.wait()
 
     def _start_free_workers(self) -> None:
         """Every free, live worker takes its pick (none: it idles until something changes)."""
