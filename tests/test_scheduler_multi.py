@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from engine.scheduler.multi import SECOND_COPY_LOADS
 from engine.scheduler import (
     AffinityScheduler,
     FifoScheduler,
@@ -25,8 +24,11 @@ from engine.scheduler import (
     plan,
     plan_workers,
 )
+from engine.scheduler.multi import SECOND_COPY_LOADS
+from tests.test_plan import MODELS
+from tests.test_plan import book as book_from
+from tests.test_plan import random_queue
 
-MODELS = ("flux", "realvis", "sd3", "logo")
 
 
 def jobs(*spec: tuple[str, str]) -> list[QueuedJob]:
@@ -164,31 +166,7 @@ def test_another_policy_picks_among_the_jobs_that_fit_as_if_alone() -> None:
     assert pick is not None and (pick.job_id, pick.passed_over, pick.reason) == ("j2", ("j1",), "resident")
 
 
-# -- one worker is the single-worker policy --------------------------------------------------------
-
-
-def random_queue(rng: random.Random, n: int, now: float) -> list[QueuedJob]:
-    rr = RoundRobin()
-    users = [f"u{i}" for i in range(rng.randint(1, 12))]
-    out = []
-    for seq in range(n):
-        user = rng.choice(users)
-        passed = rng.choice([0, 0, 0, 1, 2, 5, 8])
-        first = None if passed == 0 else now - rng.uniform(0, 400)
-        out.append(QueuedJob(f"j{seq}", rng.choice(MODELS[: rng.randint(1, 4)]), user, seq,
-                             now - rng.uniform(0, 600), rr.tag(user), passed, first))
-        if rng.random() < 0.2:
-            rr.started(rng.uniform(0, rr.virtual + 1))
-    rng.shuffle(out)
-    return out
-
-
-def random_book(rng: random.Random) -> TimingBook:
-    b = TimingBook()
-    for m in MODELS:
-        if rng.random() < 0.7:
-            b.record(m, generate_s=rng.uniform(1, 30), load_s=rng.uniform(0, 60))
-    return b
+# -- one worker is the single-worker policy (random queues and books: tests/test_plan.py's) ----------
 
 
 def test_one_worker_alone_picks_exactly_what_the_policy_picks() -> None:
@@ -200,7 +178,7 @@ def test_one_worker_alone_picks_exactly_what_the_policy_picks() -> None:
         parked = frozenset(rng.sample(MODELS, rng.randint(0, 2))) - resident
         alone = WorkerView("w", resident, parked)
         for s in (AffinityScheduler(rng.choice([0, 1, 3, 8]), rng.choice([0.0, 5.0, 60.0, 300.0])), FifoScheduler()):
-            assert pick_for_worker(s, queue, alone, [], now, random_book(rng)) == s.pick(queue, resident, now, parked), seed
+            assert pick_for_worker(s, queue, alone, [], now, book_from(rng)) == s.pick(queue, resident, now, parked), seed
 
 
 def test_plan_workers_with_one_worker_is_replay_plan() -> None:
@@ -212,7 +190,7 @@ def test_plan_workers_with_one_worker_is_replay_plan() -> None:
         parked = frozenset(rng.sample(MODELS, rng.randint(0, 2))) - resident
         busy_model = rng.choice(sorted(resident)) if resident and rng.random() < 0.5 else None
         busy = rng.uniform(0, 20) if busy_model else 0.0
-        timings = random_book(rng)
+        timings = book_from(rng)
         one = WorkerView("w", resident, parked, busy_model=busy_model, busy_left_s=busy)
         for s in (AffinityScheduler(rng.choice([0, 1, 3, 8]), rng.choice([0.0, 5.0, 60.0, 300.0])), FifoScheduler()):
             single = plan(s, queue, resident, now, timings, parked=parked, busy_for_s=busy)
@@ -229,7 +207,7 @@ def test_plan_workers_positions_are_a_permutation_in_start_order() -> None:
                               busy_model=rng.choice([None, *MODELS]), busy_left_s=rng.uniform(0, 30))
                    for k in range(rng.randint(1, 4))]
         planned = plan_workers(AffinityScheduler(rng.choice([0, 2, 8]), 300.0), queue, workers, 1000.0,
-                               random_book(rng))
+                               book_from(rng))
         assert sorted(p.job_id for p in planned) == sorted(j.job_id for j in queue)
         assert [p.position for p in planned] == list(range(1, len(planned) + 1))
         assert all(0 <= p.start_s < p.eta_s for p in planned)
