@@ -92,3 +92,35 @@ async def test_tokens_are_checked_with_one_call_each_and_skipped_offline(tiny_co
 def test_the_scopes_checked_are_the_manifests() -> None:
     manifest = yaml.safe_load((REPO / "slack-manifest.yaml").read_text(encoding="utf-8"))
     assert set(manifest["oauth_config"]["scopes"]["bot"]) == SLACK_SCOPES
+
+
+def test_the_cluster_check_names_what_a_ray_mode_needs(tiny_config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    from bot.cli.doctor import _cluster_check
+    from engine.config import ClusterSettings
+
+    def with_cluster(**kw: Any) -> Config:
+        return tiny_config.model_copy(update={"cluster": ClusterSettings(**kw)})
+
+    assert _cluster_check(tiny_config).status == "ok" and "embedded" in _cluster_check(tiny_config).detail
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    versions = {"ray": "2.60.0"}
+
+    def version(name: str) -> str:
+        if name not in versions:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return versions[name]
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    assert _cluster_check(with_cluster(mode="local", workers=2)).status == "ok"
+    joining = _cluster_check(with_cluster(mode="cluster", address="head:6379"))
+    assert joining.status == "warn" and "RAY_AUTH_MODE=token" in joining.detail
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    assert _cluster_check(with_cluster(mode="cluster", address="head:6379")).status == "ok"
+    versions["ray"] = "2.59.1"
+    other = _cluster_check(with_cluster(mode="local"))
+    assert other.status == "warn" and "pins 2.60.0" in other.detail
+    del versions["ray"]
+    missing = _cluster_check(with_cluster(mode="local"))
+    assert missing.status == "fail" and "pip install -e '.[cluster]'" in missing.detail

@@ -57,7 +57,8 @@ def queue_snapshot(engine: Engine) -> dict[str, Any]:
     return {
         "entries": [{"job_id": e.job_id, "position": e.position, "model": e.model_id, "user": e.user,
                      "status": e.status.value, "waited_s": round(e.waited_s, 1),
-                     "eta_s": None if e.eta_s is None else round(e.eta_s, 1)} for e in engine.queue_snapshot()],
+                     "eta_s": None if e.eta_s is None else round(e.eta_s, 1), "worker": e.worker}
+                    for e in engine.queue_snapshot()],
         "resident": [{"model": m.model_id, "where": m.where, "bytes": m.device_bytes or m.nbytes, "pinned": m.pinned,
                       "load_s": round(m.load_s, 2)} for m in (status.models if status else ())],
         "gpu_used_bytes": status.gpu_used_bytes if status else 0,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import os
 import sys
@@ -93,7 +94,10 @@ def _machine_checks(config: Config, facts: TorchFacts) -> dict[str, Check]:
                          else Check("warn", f"torch sees no GPU{reason}: models run on the CPU (minutes per image)"))
         checks["tf32"] = Check("ok", "not used without CUDA")
         return checks
-    more = f"; {facts.gpu_count} cards, the engine uses one" if facts.gpu_count > 1 else ""
+    more = ""
+    if facts.gpu_count > 1:
+        more = (f"; {facts.gpu_count} cards, the engine uses one ([cluster] mode 'local': all)"
+                if config.cluster.mode == "embedded" else f"; {facts.gpu_count} cards")
     checks["gpu"] = Check("ok", f"{facts.gpu}, {facts.gpu_total_bytes / GIB:.0f} GiB "
                                 f"({facts.gpu_free_bytes / GIB:.0f} GiB free){more}; dtype {config.cuda_dtype}")
     checks["tf32"] = (Check("ok", "switched on at start-up (matmul and cuDNN)") if facts.tf32_capable
@@ -111,7 +115,29 @@ def _local_checks(config: Config, hub: Hub) -> dict[str, Check]:
         checks[f"weights {target.name}"] = _weights_check(weights_state(target, hub.cache_dir), model_id, required=True)
     checks |= _router_checks(config, hub)
     checks["nudenet"] = _nudenet_check(config)
+    checks["cluster"] = _cluster_check(config)
     return checks | _data_checks(config.data_dir)
+
+
+def _cluster_check(config: Config) -> Check:
+    """``[cluster]`` (docs/CLUSTER.md): Ray installed, at the pinned version, token auth asked
+    for when joining a cluster. Nothing connects: joining takes seconds, and ``run`` says why it
+    could not."""
+    cluster = config.cluster
+    if cluster.mode == "embedded":
+        return Check("ok", "embedded: one GPU worker in this process (several GPUs: docs/CLUSTER.md)")
+    try:
+        version = importlib.metadata.version("ray")
+    except importlib.metadata.PackageNotFoundError:
+        return Check("fail", f"cluster.mode is {cluster.mode!r} but Ray is not installed: pip install -e '.[cluster]'")
+    pinned = next((r.split("==")[1] for r in importlib.metadata.requires("promptpics") or ()
+                   if r.startswith("ray==")), version).split(";")[0].strip()
+    if version != pinned:
+        return Check("warn", f"Ray {version}, but this project pins {pinned}: every host of a cluster needs the same")
+    if cluster.mode == "cluster" and os.environ.get("RAY_AUTH_MODE") != "token":
+        return Check("warn", f"mode 'cluster' at {cluster.address!r}: set RAY_AUTH_MODE=token or Ray refuses the bot "
+                             "(docs/CLUSTER.md#security)")
+    return Check("ok", f"mode {cluster.mode!r}, Ray {version}" + (f", {cluster.address}" if cluster.address else ""))
 
 
 def _weights_check(state: WeightsState, model_id: str, *, required: bool) -> Check:

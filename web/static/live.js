@@ -35,8 +35,15 @@
       if (running.job_id !== runningId) { $("progress").value = 0; $("preview").hidden = true; }
       runningId = running.job_id;
       box.dataset.job = running.job_id;
-      box.append(`${running.job_id} · ${running.model} · ${running.user} · ETA ${secs(running.eta_s)} `);
+      const on = running.worker && running.worker !== "gpu" ? ` · on ${running.worker}` : "";
+      box.append(`${running.job_id} · ${running.model} · ${running.user}${on} · ETA ${secs(running.eta_s)} `);
       box.append(actionForm("cancel", running.job_id, "Cancel"));
+      // several GPU workers ([cluster]): the other running jobs, one line each (progress shows the first)
+      for (const other of snap.entries.filter((e) => e.position === 0 && e !== running)) {
+        const line = document.createElement("div");
+        line.textContent = `${other.job_id} · ${other.model} · ${other.user} · on ${other.worker} · ETA ${secs(other.eta_s)}`;
+        box.append(line);
+      }
       $("progress").hidden = false;
     } else {
       runningId = null; box.dataset.job = ""; box.textContent = "nothing";
