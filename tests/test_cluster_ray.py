@@ -17,6 +17,7 @@ import pytest
 import pytest_asyncio
 
 from engine.cluster import WorkerLostError
+from engine.cluster.ray_worker import WorkerTakenError
 from engine.config import ClusterSettings, Config
 from engine.jobs import GenerationParams
 from tests.conftest import REPO, RAY_RESOURCE, cluster_test_config
@@ -194,5 +195,11 @@ async def test_a_bot_restart_in_cluster_mode_reattaches_to_the_worker_and_its_mo
         await after.start(config)
         assert after.pid == before.pid and after.placement_sets()[0] == {"flux_dev"}
         assert (await run(after, "c2", params("a fox"))).png
+        # another bot (another data folder) in the same namespace is refused: it would take w0 over
+        other = config.model_copy(update={"data_dir": config.data_dir / "other-bot"})
+        (intruder,) = make_workers(other, held_runner)
+        with pytest.raises(WorkerTakenError, match=r"already serves the bot at .*: give this bot a `cluster.namespace`"):
+            await intruder.start(other)
+        assert (await run(after, "c3", params("a fox"))).png and after.placement_sets()[0] == {"flux_dev"}
     finally:
         local_ray.kill(local_ray.get_actor("promptpics-w0", namespace=cluster.namespace), no_restart=True)

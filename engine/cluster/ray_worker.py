@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from engine.cluster import WorkerInfo, WorkerLostError
 from engine.cluster.local import LocalWorker, RunnerFactory
 from engine.cluster.messages import Finished, Raised, Residency, Started, Step
-from engine.errors import EngineClosedError
+from engine.errors import EngineClosedError, EngineError
 from engine.pipelines import Preview
 from engine.safety import Attempt
 
@@ -52,6 +52,16 @@ def import_ray() -> Any:
 _DONE = object()
 
 
+class WorkerTakenError(EngineError):
+    """A named worker already serves another bot (mode "cluster", the same namespace)."""
+
+    def __init__(self, worker: str, owner: str) -> None:
+        self.worker, self.owner = worker, owner
+        super().__init__(f"The GPU worker `{worker}` already serves the bot at {owner}: give this bot a "
+                         "`cluster.namespace` of its own, or, if that bot is gone for good, end its workers "
+                         f"(`ray kill` them by name, or `ray stop` on the GPU hosts).")
+
+
 # -- the actor's side ------------------------------------------------------------------------
 
 
@@ -67,11 +77,17 @@ class WorkerActor:
         self._asked: tuple[Config, dict[str, float] | None] | None = None
         self._cancels: dict[str, threading.Event] = {}
         self._starting = asyncio.Lock()
+        self._owner = ""  # the bot this worker serves: "host:data folder"
 
-    async def start(self, config: Config, shares: dict[str, float] | None) -> Started | Raised:
+    async def start(self, config: Config, shares: dict[str, float] | None, owner: str = "") -> Started | Raised:
         """Idempotent: a bot that re-attaches with the same config keeps what is loaded; another
-        config rebuilds the runner (the models it loaded may not match it any more)."""
+        config rebuilds the runner (the models it loaded may not match it any more). Another bot
+        (another host or data folder) is refused: two bots would each schedule this one card as
+        their own, and each start with its config would unload the other's models."""
         async with self._starting:
+            if self._owner and owner and owner != self._owner:
+                return Raised.of(WorkerTakenError(self._name, self._owner))
+            self._owner = owner or self._owner
             try:
                 if self._config is not None and self._asked != (config, shares):
                     log.info("worker %s: started again with another config; unloading", self._name)
@@ -235,7 +251,9 @@ class RayWorker:
 
     async def _start(self) -> Config:
         assert self._asked is not None
-        started = self._raise(await self._call(self._actor.start.remote(*self._asked), "it did not start"))
+        config, shares = self._asked
+        owner = f"{socket.gethostname()}:{config.data_dir}"
+        started = self._raise(await self._call(self._actor.start.remote(config, shares, owner), "it did not start"))
         self._info, self._residency, self.pid, self._started = started.info, started.residency, started.pid, True
         self._needed = ()
         return started.config
