@@ -171,8 +171,11 @@ class Dispatcher(QueuePlanner):
         started = job.started_mono = time.perf_counter()
         ready, _ = worker.placement_sets()
         job.load_expected_s = 0.0 if job.params.model_id in ready else self._timings.expected_load_s(job.params.model_id)
-        # what to keep when something must be evicted: the models the next planned jobs need
-        worker.set_needed_soon(needed_soon(self._current_plan().planned))
+        # what to keep when something must be evicted: the models the next jobs planned here need
+        planned = self._current_plan().planned
+        if len(self._workers) > 1:
+            planned = tuple(p for p in planned if p.worker == worker.info.name)
+        worker.set_needed_soon(needed_soon(planned))
         queue_wait = started - job.queued_mono
         self._emit(job, JobStarted(job.id, job.params.model_id))
         # 2. the worker's reports (progress, previews, attempts) hop to the loop, in order.
