@@ -100,6 +100,9 @@ async def test_metrics_parse_and_the_counters_move_when_a_job_runs(served: tuple
     assert after[("promptpics_generate_seconds_sum", frozenset({("model", model)}))] > 0
     assert after[("promptpics_queue_depth", frozenset())] == 0
     assert ("promptpics_gpu_memory_used_bytes", frozenset()) in after
+    gpu = frozenset({("worker", "gpu")})  # the embedded worker, idle again, its model resident
+    assert after[("promptpics_worker_up", gpu)] == 1 and after[("promptpics_worker_busy", gpu)] == 0
+    assert after[("promptpics_worker_gpu_memory_used_bytes", gpu)] == after[("promptpics_gpu_memory_used_bytes", frozenset())]
     assert any(name == "promptpics_safety_events_total" for name, _ in after)
     assert all(name.startswith("promptpics_") for name, _ in after)
 

@@ -45,6 +45,7 @@ class Snapshot(Collector):
         yield seconds
         yield self._safety()
         yield from self._gpu()
+        yield from self._workers()
 
     def _jobs(self) -> Metric:
         jobs = CounterMetricFamily("promptpics_jobs", "Finished jobs by final model and outcome.", labels=["model", "outcome"])
@@ -85,6 +86,22 @@ class Snapshot(Collector):
         for m in status.models:
             resident.add_metric([m.model_id, m.where], 1)
         yield resident
+
+
+    def _workers(self) -> Iterator[Metric]:
+        """Per GPU worker (one, ``gpu``, unless ``[cluster]`` says otherwise): up, busy, memory used."""
+        if self._engine is None:
+            return
+        up = GaugeMetricFamily("promptpics_worker_up", "1 while a GPU worker can take jobs (0: restarting).",
+                               labels=["worker"])
+        busy = GaugeMetricFamily("promptpics_worker_busy", "1 while a GPU worker runs a job.", labels=["worker"])
+        used = GaugeMetricFamily("promptpics_worker_gpu_memory_used_bytes",
+                                 "Bytes a worker's resident models count against its GPU budget.", labels=["worker"])
+        for w in self._engine.workers():
+            up.add_metric([w.info.name], int(w.alive))
+            busy.add_metric([w.info.name], int(w.job_id is not None))
+            used.add_metric([w.info.name], w.status.gpu_used_bytes if w.status is not None else 0)
+        yield from (up, busy, used)
 
 
 def _histogram(name: str, doc: str, rows: list[Histogram]) -> Metric:
