@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from engine import Config, Engine, JobCancelled, JobFailed, JobProgressed, JobRequest, JobStarted, JobStatus, RequestError
+from engine import Config, Engine, JobCancelled, JobFailed, JobFinished, JobProgressed, JobRequest, JobStarted, JobStatus, RequestError
 from engine.cluster import WorkerLostError
 from engine.cluster.local import LocalWorker
 from engine.errors import JobCancelledError
@@ -221,3 +221,42 @@ def test_a_long_queue_on_several_workers_plans_the_front_and_keeps_every_place()
     front, back = plan.planned[0].job_id, plan.planned[-1].job_id
     assert plan.eta(front, 0.0, True) is not None and plan.eta(back, 0.0, True) is None
     assert plan.rough_eta(back, 0.0) >= plan.rough_eta(front, 0.0)
+
+
+class DiesThenHolds(Dying):
+    """Dies under its first job (a worker loss), then holds every job at its first step until cancelled."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, deaths=1)
+
+    async def run(self, job_id: str, params: Any, *, cancel: threading.Event, on_step: Callable[[int, int], None],
+                  **kw: Any) -> Any:
+        holding = self.deaths <= 0  # died once already: this run is held until the bot stops
+
+        def step(n: int, total: int) -> None:
+            on_step(n, total)
+            if holding:
+                cancel.wait()
+
+        return await super().run(job_id, params, cancel=cancel, on_step=step, **kw)
+
+
+async def test_the_crash_loop_guard_counts_worker_losses_across_a_restart_and_not_the_stop(tiny_config: Config) -> None:
+    first = DiesThenHolds("w0")
+    async with Engine(tiny_config, workers=[first]) as engine:
+        handle = await engine.submit(job("a lighthouse", "flux_dev", steps=3))
+        started = 0
+        async for event in handle.events():  # lost once, queued again, started again and held: stop the bot
+            started += isinstance(event, JobStarted)
+            if started == 2 and isinstance(event, JobProgressed):
+                break
+    again = Engine(tiny_config, workers=[Dying("w0", deaths=1)])
+    events = again.subscribe()  # before the start: the taken-back job may end before we could ask for it
+    async with again:
+        while not isinstance(final := await events.get(), JobFailed | JobFinished) or final.job_id != handle.id:
+            pass
+        attempts = await again.history.attempts(handle.id)
+    # the stop in between was not a loss; the second loss, after the restart, is the second one
+    assert isinstance(final, JobFailed) and final.error_kind == "WorkerLost" and "2 times" in final.message
+    assert [a.outcome for a in attempts] == ["interrupted", "interrupted", "interrupted"]
+    assert [a.finished_at is not None for a in attempts] == [True, False, True]

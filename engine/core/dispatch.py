@@ -246,12 +246,13 @@ class Dispatcher(QueuePlanner):
         """The worker died or hung under the job: not the job's fault. Its open attempt is closed
         as interrupted and it goes back to its fair place (its arrival and round-robin tag kept),
         once; a job present at a second loss fails with a sentence (it may be what kills them)."""
-        job.worker_losses += 1
-        log.warning("job %s: worker %s lost (%s); loss %d", job.id, exc.worker, exc.why, job.worker_losses)
         if self._closing:  # stays RUNNING in the history: taken back at the next start
             self._emit_final(job, JobFailed(job.id, "EngineStopped", STOPPED_MESSAGE))
             return
-        await self.history.requeue_job(job.id, finished_at=time.time())  # its open attempt: interrupted
+        in_history = await self.history.requeue_job(job.id, finished_at=time.time())  # its open attempt: interrupted
+        # counted here too (a worker may die before the attempt is opened) and in the history (across restarts)
+        job.worker_losses = max(job.worker_losses + 1, in_history)
+        log.warning("job %s: worker %s lost (%s); loss %d", job.id, exc.worker, exc.why, job.worker_losses)
         if job.worker_losses >= MAX_WORKER_LOSSES:
             message = (f"This job was running when a GPU worker stopped ({exc.why}), {job.worker_losses} times; "
                        "it is not tried again in case it is what stops them.")

@@ -207,6 +207,7 @@ class Engine(Admin, Dispatcher):
                                                  timings=stored.timings, finished_at=time.time())
                 continue
             job = self._job_from_history(stored)
+            job.worker_losses = await self.history.worker_losses(job.id)  # the crash-loop guard spans restarts
             self._jobs[job.id] = job
             self._admission.hold(job.user_key)  # accepted by the earlier run: no cap applies again
             self._enqueue(job)

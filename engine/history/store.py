@@ -212,17 +212,22 @@ class HistoryStore(Database):
         return await self.unfinished_jobs()
 
     async def requeue_job(self, job_id: str, *, finished_at: float) -> int:
-        """One job's worker was lost under it: its open attempts -> 'interrupted', RUNNING -> QUEUED.
-        Returns how many of its attempts were ever interrupted."""
+        """One job's worker was lost under it: its open attempts -> 'interrupted' (with the time:
+        what tells a loss from a stop, whose attempts are closed at the next start without one),
+        RUNNING -> QUEUED. Returns how many workers it has lost so far (``worker_losses``)."""
         async with self._write() as db:
             await self._status_row(db, job_id, wanted=JobStatus.QUEUED)
             await db.execute("UPDATE attempts SET outcome = 'interrupted', finished_at = ?"
                              " WHERE job_id = ? AND outcome IS NULL", (finished_at, job_id))
             await db.execute("UPDATE jobs SET status = 'queued' WHERE id = ? AND status = 'running'", (job_id,))
-            async with db.execute("SELECT count(*) FROM attempts WHERE job_id = ? AND outcome = 'interrupted'",
-                                  (job_id,)) as cur:
-                row = await cur.fetchone()
-        return int(row[0]) if row else 0
+        return await self.worker_losses(job_id)
+
+    async def worker_losses(self, job_id: str) -> int:
+        """How many of an unfinished job's attempts ended with their worker lost under them (the
+        crash-loop guard counts them across restarts of the bot)."""
+        rows = await self._rows("SELECT count(*) AS n FROM attempts WHERE job_id = ? AND outcome = 'interrupted'"
+                                " AND finished_at IS NOT NULL AND worker != ''", (job_id,))
+        return int(rows[0]["n"]) if rows else 0
 
     async def _status_row(self, db: aiosqlite.Connection, job_id: str, *, wanted: JobStatus) -> sqlite3.Row:
         """The job's row if it is unfinished; else UnknownJobError or JobFinishedError."""
