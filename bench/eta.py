@@ -216,7 +216,7 @@ def old_engine_eta(engine: Any, job_id: str, book: Any) -> float | None:
     running, busy = next(iter(engine._running.values()), None), 0.0
     if running is not None and running.started_mono is not None:
         busy = max(0.0, book.expected_generate_s(running.params.model_id) - (now - running.started_mono))
-    resident, parked = engine._placements()
+    resident, parked = engine._workers[0].placement_sets()
     if running is not None:
         resident |= {running.params.model_id}
     for p in plan(engine._scheduler, [j.view() for j in engine._queue], resident, now, book, parked=parked,
@@ -232,7 +232,7 @@ def per_model_eta(engine: Any, job_id: str) -> float | None:
 
     now = time.perf_counter()
     running = next(iter(engine._running.values()), None)
-    resident, parked = engine._placements()
+    resident, parked = engine._workers[0].placement_sets()
     if running is not None:  # its model is ready once it finishes
         resident |= {running.params.model_id}
     return next((p.eta_s for p in plan(engine._scheduler, [j.view() for j in engine._queue], resident, now,

@@ -62,10 +62,6 @@ class LocalWorker:
     def alive(self) -> bool:
         return self._runner is not None and not self._stopped
 
-    @property
-    def runner(self) -> JobRunner | None:
-        return self._runner
-
     def placement_sets(self) -> tuple[frozenset[str], frozenset[str]]:
         return self._runner.residency.placement_sets() if self._runner else (frozenset(), frozenset())
 
@@ -140,10 +136,6 @@ class LocalWorker:
         cancel = self._cancels.get(job_id)
         if cancel is not None:
             cancel.set()  # the step callback sees it on the GPU thread
-
-    def hop(self, callback: Callable[..., Any], *args: Any) -> None:
-        """From this worker's thread to the loop (the dispatcher's per-step reports)."""
-        self._thread.call_soon_threadsafe(callback, *args)
 
     # -- admin, between jobs ---------------------------------------------------------------
 

@@ -124,7 +124,6 @@ class Dispatcher(QueuePlanner):
         finally:
             self._running.pop(worker.info.name, None)
             self._queue_changed()
-            self._wakeup.set()
             self._start_free_workers()  # at once, as one worker always did: no loop turn for others to slip in
 
     def _next_job(self, worker: Worker) -> LiveJob | None:

@@ -56,10 +56,10 @@ class Engine(Admin, Dispatcher):
         # ``workers`` given: those (tests and benchmarks drive several in one process)
         self._workers: list[Worker] = list(workers) if workers else (
             [LocalWorker(runner_factory=runner_factory)] if config.cluster.embedded else [])
-        local = self._workers[0] if self._workers else None
         # The router LLM runs on the GPU thread, between jobs (docs/ROUTER.md); with Ray workers
         # it has a thread of its own here (docs/CLUSTER.md).
-        self._router = router or (build_router(config) if not isinstance(local, LocalWorker) else build_router(
+        local = next((w for w in self._workers if isinstance(w, LocalWorker)), None)
+        self._router = router or (build_router(config) if local is None else build_router(
             config, run_on_gpu_thread=local.call, llm=lambda: local.chat_llm_blocking(config.router_llm_id)))
         self._scheduler = make_scheduler(config.scheduler)
         self._round_robin = RoundRobin()

@@ -35,7 +35,7 @@ import asyncio
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Collection, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from engine.cluster import Worker
@@ -190,7 +190,7 @@ def build_plan(key: Hashable, scheduler: Scheduler, queue: Sequence[QueuedJob],
                now: float, book: CostBook, busy_for_s: float) -> QueuePlan:
     """Plan the whole queue once, then walk it adding each job's own cost."""
     planned = tuple(plan(scheduler, queue, resident, now, book, parked=parked, busy_for_s=busy_for_s))
-    return _with_offsets(key, planned, params, book, now, lambda p: None)
+    return _with_offsets(key, planned, params, book, now, several=False)
 
 
 def build_plan_workers(key: Hashable, scheduler: Scheduler, queue: Sequence[QueuedJob],
@@ -202,7 +202,7 @@ def build_plan_workers(key: Hashable, scheduler: Scheduler, queue: Sequence[Queu
     Simulating N workers is O(n^2) in the queue, so it plans the first ``WORKERS_PLAN_DEPTH`` jobs;
     the rest follow in fair order, after them, with no ETA shown (their position is still theirs)."""
     planned = plan_workers(scheduler, queue, workers, now, book, limit=WORKERS_PLAN_DEPTH)
-    shown = _with_offsets(key, tuple(planned), params, book, now, lambda p: p.start_s)
+    shown = _with_offsets(key, tuple(planned), params, book, now, several=True)
     taken = {p.job_id for p in planned}
     after = max((p.start_s for p in planned), default=0.0)
     rest = [Planned(j.job_id, j.model_id, len(planned) + i + 1, after, after, False)
@@ -215,16 +215,15 @@ def build_plan_workers(key: Hashable, scheduler: Scheduler, queue: Sequence[Queu
 
 
 def _with_offsets(key: Hashable, planned: tuple[Planned, ...], params: Mapping[str, GenerationParams],
-                  book: CostBook, now: float, starts: Callable[[Planned], float | None]) -> QueuePlan:
-    """One worker (``starts`` gives None): the jobs run one after the other, each adding its own
-    cost. Several: each job starts when its worker is planned to take it."""
+                  book: CostBook, now: float, *, several: bool) -> QueuePlan:
+    """One worker: the jobs run one after the other, each adding its own cost. Several: each job
+    starts when its worker is planned to take it (``start_s``)."""
     offsets: list[float] = []
     grounded, still_grounded, t = 0, True, 0.0
     for p in planned:
         job = params[p.job_id]
-        begins = starts(p)
-        if begins is not None:  # several workers: it starts when its worker is planned to take it
-            t = begins
+        if several:
+            t = p.start_s
         if p.loads:
             t += book.expected_load_s(p.model_id)
             still_grounded = still_grounded and book.knows_load(p.model_id)
@@ -375,12 +374,6 @@ class QueuePlanner:
         user = j.request.requester.display_name or j.request.requester.user_id
         return QueueEntry(j.id, position, j.params.model_id, user, j.status, now - j.queued_mono, round(eta_s, 1),
                           j.worker if position == 0 else "")
-
-    def _placements(self, worker: Worker | None = None) -> tuple[frozenset[str], frozenset[str]]:
-        """(models ready on the device, models parked in RAM) of one worker (default: the first);
-        none before the engine started."""
-        worker = worker or (self._workers[0] if self._workers else None)
-        return worker.placement_sets() if worker is not None else (frozenset(), frozenset())
 
     def _left_s(self, job: LiveJob | None, now: float) -> float:
         """What is left of a running job (0 for none)."""
