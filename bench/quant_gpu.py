@@ -8,7 +8,8 @@ through the same diffusers/transformers configs as engine/pipelines/quantise.py.
 Per (part, quantisation): load seconds (build on the meta device, random init, quantise, move
 to the GPU), seconds per step (denoisers: one forward at the 768x768 latent; text encoders: one
 forward of a 512-token prompt), peak GPU memory and the bytes the part reports (tensor subclasses
-counted by their parts, engine.pipelines.module_nbytes). ``--compile``: regional compile of the
+counted by their parts, engine.pipelines.module_nbytes); for int8/fp8 also the quantised
+cache's write seconds and its load seconds back onto the GPU. ``--compile``: regional compile of the
 flux and sdxl denoisers (compile_repeated_blocks) - compile seconds and s/step after.
 No weights are downloaded: configs only, random weights (quality is not measured here).
 """
@@ -160,12 +161,34 @@ def one(kind: str, name: str, quant: str, args: argparse.Namespace) -> dict[str,
     first, per = measure(model, inputs, args.steps)
     row.update(first_call_s=round(first, 3), s_per_step=round(per, 4),
                peak_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2))
+    if quant in ("int8", "fp8"):  # the quantised cache (engine/pipelines/quant_cache.py): write once, read back
+        model, row["cache_write_s"], row["cache_load_s"] = cache_round_trip(model, args.workdir / f"cached-{kind}-{name}-{quant}")
     if args.compile and kind == "denoiser" and name in ("flux", "sdxl"):
         model.compile_repeated_blocks(fullgraph=True)
         first, per = measure(model, inputs, args.steps)
         row.update(compile_s=round(first, 1), compiled_s_per_step=round(per, 4))
     del model
     return row
+
+
+def cache_round_trip(model: Any, folder: Path) -> tuple[Any, float, float]:
+    """Seconds to save the quantised model as the cache does (safetensors) and to load it back
+    onto the GPU; returns the reloaded model (it is the one measured for compile, if asked)."""
+    import shutil
+
+    import torch
+
+    shutil.rmtree(folder, ignore_errors=True)
+    t0 = time.perf_counter()
+    model.to("cpu").save_pretrained(folder, safe_serialization=True)
+    write_s = time.perf_counter() - t0
+    cls = type(model)
+    del model
+    torch.cuda.empty_cache()
+    t0 = time.perf_counter()
+    model = cls.from_pretrained(folder, dtype=torch.bfloat16).to("cuda")
+    torch.cuda.synchronize()
+    return model, round(write_s, 2), round(time.perf_counter() - t0, 2)
 
 
 def supported(quant: str) -> str | None:

@@ -59,10 +59,23 @@ baseline, FIFO with the bf16 placements above, on the same trace. Quantised cost
   [Q] seconds per step x engine.placement.STEP_FACTOR (fp8 1.01, int8 1.10: diffusers-torchao's
       H100/A100 tables, no compile; nf4 1.30: an assumption on the slow side), sizes from
       engine/placement/catalogue.py (8-bit 0.52 of bf16, nf4 0.28);
-  [L] a quantised load reads the bf16 files (as [D]) and quantises at 5 GB/s of bf16 weights
-      (an assumption); parking a quantised model goes through pageable memory at 1.8 GB/s
-      (measured for pipe.to("cpu"), engine/residency/device.py): torchao's tensor subclasses
-      cannot be copied into the pinned buffers.
+  [L] a quantised load reads the bf16 files (as [D]) and quantises at 2 GB/s of bf16 weights:
+      diffusers' torchao path quantises on the CPU while it loads; measured here, int8
+      weight-only of 1.07 GB of bf16 Linear weights (torchao 0.18, Xeon) runs at 0.17 GB/s on
+      one thread and 0.29 GB/s on two, so 2 GB/s assumes a 16-core host at ~75 % scaling.
+      Parking a quantised model goes through pageable memory at 1.8 GB/s (measured for
+      pipe.to("cpu"), engine/residency/device.py): torchao's tensor subclasses cannot be copied
+      into the pinned buffers.
+  [K] the quantised cache (engine/pipelines/quant_cache.py, on by default): the first load of a
+      model quantises as [L] and then writes its int8/fp8 parts at 2 GB/s (an NVMe write; an
+      assumption); every later load reads those parts' quantised bytes at [D]'s rate and
+      quantises only nf4 parts. Each policy's run starts with an empty cache. ``--no-quant-cache``
+      charges every load as [L].
+
+Besides loads, ``gb_to_card`` counts the weight bytes moved onto the card: each load's and RAM
+copy's, plus what offload streams for every image (model offload: every weight once; sequential
+offload: every weight, and the transformer again at every step). A model under sequential
+offload is never "loaded" but moves the most bytes.
 """
 
 from __future__ import annotations
@@ -85,6 +98,7 @@ from engine.config import ModelSpec, ResidencySettings, load_config  # noqa: E40
 from engine.errors import OutOfMemoryError  # noqa: E402
 from engine.pipelines import LoadedPipeline  # noqa: E402
 from engine.placement import STEP_FACTOR, plan_placements  # noqa: E402
+from engine.placement.catalogue import quantised_gb as quantised_part_gb  # noqa: E402
 from engine.residency import GiB, ResidencyManager  # noqa: E402
 from engine.scheduler import (  # noqa: E402
     AffinityScheduler,
@@ -103,7 +117,8 @@ DISK_GBPS, DISK_FIXED_S = 2.5, 2.0
 PCIE_GBPS, PCIE_FIXED_S = 25.0, 0.2  # pinned host memory <-> GPU
 PIN_ALLOC_GBPS = 1.4  # page-locking new host buffers, once per model
 RELEASE_S = 0.2  # gc + empty_cache
-QUANTISE_GBPS = 5.0  # [L] bf16 weights quantised per second while loading (assumption)
+QUANTISE_GBPS = 2.0  # [L] bf16 weights quantised per second while loading (from 0.17 GB/s a core, measured)
+CACHE_WRITE_GBPS = 2.0  # [K] writing the quantised parts to the cache (assumption)
 PAGEABLE_GBPS = 1.8  # [L] pipe.to("cpu") / back, pageable memory (measured, H200 host)
 FAMILY = {"flux_dev": "flux", "realvis_xl": "sdxl", "sd3_medium": "sd3", "logo_sdxl": "hidream"}
 
@@ -153,6 +168,9 @@ class Placement:
     quantised_gb: float = 0.0  # bf16 GB quantised while loading ([L])
     total_gb: float = 0.0  # every weight once loaded (0: the bf16 total)
     label: str = ""
+    cacheable_bf16_gb: float = 0.0  # [K] the int8/fp8 parts, bf16 GB ...
+    cacheable_gb: float = 0.0  # ... and quantised: what the cache holds and a cached load reads
+    stream_gb: float = 0.0  # moved onto the card by offload for every image
 
 
 def auto_placements(gpu_gb: float, reserve_gb: float, ram_gb: float, exclusive: list[str],
@@ -164,16 +182,21 @@ def auto_placements(gpu_gb: float, reserve_gb: float, ram_gb: float, exclusive: 
         c = COSTS[mid]
         denoise = c.s_per_step * STEP_FACTOR[p.denoiser] * c.steps + c.extra_s
         parts = {"transformer", "unet", *p.text_encoders}
-        quantised = sum(gb for name, gb in _parts_gb(mid).items() if name in parts and _quant_of(p, name) != "bf16")
+        quants = {name: _quant_of(p, name) for name in _parts_gb(mid) if name in parts}
+        quantised = sum(gb for name, gb in _parts_gb(mid).items() if quants.get(name, "bf16") != "bf16")
+        cacheable = {name: gb for name, gb in _parts_gb(mid).items() if quants.get(name) in ("int8", "fp8")}
+        cache = dict(cacheable_bf16_gb=sum(cacheable.values()),
+                     cacheable_gb=sum(quantised_part_gb(gb, quants[name]) for name, gb in cacheable.items()))
         label = f"{p.denoiser}/{'+'.join(q for q in p.text_encoders.values() if q != 'bf16') or '-'}/{p.offload}"
         if p.offload == "none":
-            out[mid] = Placement("gpu", p.gb, denoise, quantised, p.total_gb, label)
+            out[mid] = Placement("gpu", p.gb, denoise, quantised, p.total_gb, label, **cache)
         elif p.offload == "model":
-            out[mid] = Placement("model-offload", p.gb, denoise + p.total_gb / PCIE_GBPS, quantised, p.total_gb, label)
+            out[mid] = Placement("model-offload", p.gb, denoise + p.total_gb / PCIE_GBPS, quantised, p.total_gb, label,
+                                 **cache, stream_gb=p.total_gb)
         else:
-            per_step = c.components_gb.get("transformer", c.largest_gb) / PCIE_GBPS
-            out[mid] = Placement("sequential-offload", 0.0, denoise + c.total_gb / PCIE_GBPS + per_step * c.steps,
-                                 0.0, c.total_gb, label)
+            transformer = c.components_gb.get("transformer", c.largest_gb)
+            out[mid] = Placement("sequential-offload", 0.0, denoise + (c.total_gb + transformer * c.steps) / PCIE_GBPS,
+                                 0.0, c.total_gb, label, stream_gb=c.total_gb + transformer * c.steps)
     return out
 
 
@@ -195,11 +218,12 @@ def placements(gpu_gb: float, reserve_gb: float) -> dict[str, Placement]:
         stream_s = c.total_gb / PCIE_GBPS
         if c.total_gb <= budget:
             out[mid] = Placement("gpu", c.total_gb, denoise)
-        elif c.largest_gb <= budget:
-            out[mid] = Placement("model-offload", c.largest_gb, denoise + stream_s)  # each part crosses once
+        elif c.largest_gb <= budget:  # each part crosses once
+            out[mid] = Placement("model-offload", c.largest_gb, denoise + stream_s, stream_gb=c.total_gb)
         else:
-            per_step = c.components_gb.get("transformer", c.largest_gb) / PCIE_GBPS  # streamed every step
-            out[mid] = Placement("sequential-offload", 0.0, denoise + stream_s + per_step * c.steps)
+            transformer = c.components_gb.get("transformer", c.largest_gb)  # streamed every step
+            out[mid] = Placement("sequential-offload", 0.0, denoise + stream_s + transformer / PCIE_GBPS * c.steps,
+                                 stream_gb=c.total_gb + transformer * c.steps)
     return out
 
 
@@ -211,6 +235,7 @@ class SimCard:
     plan: dict[str, Placement]
     seed_rule: bool  # no budget: the card's size is found out by running out of memory
     can_park: bool
+    quant_cache: bool = True  # [K]
     keeps_host_copy: bool = True
     pinned: set[str] = field(default_factory=set)  # models with page-locked RAM buffers
     now: float = 0.0
@@ -220,6 +245,8 @@ class SimCard:
     copies: int = 0
     ooms: int = 0
     generate_s: float = 0.0
+    gb_to_card: float = 0.0
+    cached: set[str] = field(default_factory=set)  # [K] models whose parts the cache holds
 
     def _fit(self, mid: str, phase: str) -> None:
         need = self.plan[mid].device_gb
@@ -236,7 +263,15 @@ class SimCard:
         self._fit(spec.id, "loading")
         c, p = COSTS[spec.id], self.plan[spec.id]
         self.loads += 1
-        self._spend(c.total_gb / DISK_GBPS + DISK_FIXED_S + p.quantised_gb / QUANTISE_GBPS)
+        self.gb_to_card += p.device_gb
+        if self.quant_cache and p.cacheable_gb and spec.id in self.cached:  # [K] read back
+            read_gb = c.total_gb - p.cacheable_bf16_gb + p.cacheable_gb
+            self._spend(read_gb / DISK_GBPS + DISK_FIXED_S + (p.quantised_gb - p.cacheable_bf16_gb) / QUANTISE_GBPS)
+        else:
+            self._spend(c.total_gb / DISK_GBPS + DISK_FIXED_S + p.quantised_gb / QUANTISE_GBPS)
+            if self.quant_cache and p.cacheable_gb:  # [K] written once
+                self._spend(p.cacheable_gb / CACHE_WRITE_GBPS)
+                self.cached.add(spec.id)
         return LoadedPipeline(spec, None, device, dtype, p.placement, int((p.total_gb or c.total_gb) * GB), 0.0)
 
     def release(self, loaded: LoadedPipeline) -> None:
@@ -260,6 +295,7 @@ class SimCard:
     def unpark(self, loaded: LoadedPipeline) -> None:
         self._fit(loaded.spec.id, "loading")
         self.copies += 1
+        self.gb_to_card += self.plan[loaded.spec.id].device_gb
         if loaded.placement == "gpu" and self.plan[loaded.spec.id].quantised_gb:
             self._spend(self.plan[loaded.spec.id].device_gb / PAGEABLE_GBPS)
         elif loaded.placement == "gpu":
@@ -329,9 +365,10 @@ class JobRecord:
 
 
 def simulate(trace: list[Arrival], scheduler: Scheduler, *, seed_rule: bool, gpu_gb: float, ram_gb: float,
-             reserve_gb: float, config: Any, plan_: dict[str, Placement] | None = None) -> tuple[list[JobRecord], SimCard]:
+             reserve_gb: float, config: Any, plan_: dict[str, Placement] | None = None,
+             quant_cache: bool = True) -> tuple[list[JobRecord], SimCard]:
     plan_ = plan_ or placements(gpu_gb, reserve_gb)
-    card = SimCard(gpu_gb, plan_, seed_rule, can_park=ram_gb > 0 and not seed_rule)
+    card = SimCard(gpu_gb, plan_, seed_rule, can_park=ram_gb > 0 and not seed_rule, quant_cache=quant_cache)
     settings = ResidencySettings(reserve_gb=reserve_gb, cpu_ram_gb=0.0 if seed_rule else ram_gb)
     rm = ResidencyManager(_FakeCuda(), None, ops=card, settings=settings)
     book = TimingBook()
@@ -363,6 +400,7 @@ def simulate(trace: list[Arrival], scheduler: Scheduler, *, seed_rule: bool, gpu
         rm.acquire_blocking(config.model(job.model_id), needed_soon=soon)
         load_s = card.load_s - spent_before
         generate_s = plan_[job.model_id].generate_s
+        card.gb_to_card += plan_[job.model_id].stream_gb
         book.record(job.model_id, generate_s=generate_s, load_s=load_s)
         finished = card.now + generate_s
         card.generate_s += generate_s
@@ -386,6 +424,7 @@ def summarise(records: list[JobRecord], card: SimCard) -> dict[str, Any]:
         "loads": card.loads,
         "ram_copies": card.copies,
         "load_s_total": round(card.load_s, 1),
+        "gb_to_card": round(card.gb_to_card),
         "out_of_memory_retries": card.ooms,
         "throughput_per_hour": round(len(records) * 3600 / (card.load_s + card.generate_s), 1),
         "wall_throughput_per_hour": round(len(records) * 3600 / makespan, 1),
@@ -404,7 +443,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     sched_settings = config_scheduler_settings()
     plan_ = placements(args.gpu_gb, args.reserve_gb)
     trace = make_trace(args.seed, args.jobs, args.users, args.utilisation, plan_, args.favourite)
-    common = dict(gpu_gb=args.gpu_gb, ram_gb=args.ram_gb, reserve_gb=args.reserve_gb, config=config)
+    common = dict(gpu_gb=args.gpu_gb, ram_gb=args.ram_gb, reserve_gb=args.reserve_gb, config=config,
+                  quant_cache=not args.no_quant_cache)
     affinity = AffinityScheduler(sched_settings.max_passed_over, sched_settings.max_extra_wait_s)
     exclusive = [mid for mid, spec in config.models.items() if spec.exclusive]
     shares = {m: sum(a.model_id == m for a in trace) / len(trace) for m in COSTS}  # what the history would say
@@ -422,6 +462,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                          and any(p.placement == "sequential-offload" for p in chosen.values()))
     out["targets"] = {
         "fewer_loads_pct": round(100 * (1 - a["loads"] / f["loads"]), 1),
+        "fewer_gb_to_card_pct": round(100 * (1 - a["gb_to_card"] / f["gb_to_card"]), 1),
         "throughput_ratio": round(a["throughput_per_hour"] / f["throughput_per_hour"], 2),
         "throughput_ratio_target": ratio_target,
         "wait_max_allowed_s": round(f["wait_max_s"] + mean_generate, 1),
@@ -434,7 +475,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                     "max_passed_over": sched_settings.max_passed_over,
                     "max_extra_wait_s": sched_settings.max_extra_wait_s,
                     "mean_generate_s": round(mean_generate, 2),
-                    "placement": args.placement,
+                    "placement": args.placement, "quant_cache": not args.no_quant_cache,
                     "placements": {m: p.placement for m, p in plan_.items()},
                     "auto_placements": {m: p.label for m, p in chosen.items()} if args.placement == "auto" else None}
     return out
@@ -456,14 +497,15 @@ def print_table(out: dict[str, Any]) -> None:
     print("placements: " + ", ".join(f"{m} {p}" for m, p in s["placements"].items()))
     if s["auto_placements"]:
         print("auto plan (fifo_budget, affinity): " + ", ".join(f"{m} {p}" for m, p in s["auto_placements"].items()))
-    cols = ["loads", "ram_copies", "load_s_total", "throughput_per_hour", "wall_throughput_per_hour", "wait_mean_s",
+    cols = ["loads", "ram_copies", "load_s_total", "gb_to_card", "throughput_per_hour", "wall_throughput_per_hour", "wait_mean_s",
             "wait_p95_s", "wait_max_s", "latency_mean_s", "max_passed_over", "max_overtaken_by_later_arrivals"]
     print("| policy | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for name in ("fifo", "fifo_budget", "affinity"):
         print(f"| {name} | " + " | ".join(str(out[name][c]) for c in cols) + " |")
     t = out["targets"]
-    print(f"affinity vs fifo: {t['fewer_loads_pct']}% fewer loads, {t['throughput_ratio']}x throughput "
+    print(f"affinity vs fifo: {t['fewer_loads_pct']}% fewer loads, {t['fewer_gb_to_card_pct']}% fewer GB moved onto "
+          f"the card, {t['throughput_ratio']}x throughput "
           f"(target {t['throughput_ratio_target']}x), "
           f"max wait {out['affinity']['wait_max_s']} s (allowed {t['wait_max_allowed_s']} s): "
           f"targets {'met' if t['met'] else 'NOT met'}")
@@ -481,6 +523,8 @@ def main() -> None:
     parser.add_argument("--favourite", type=float, default=0.0, help="share of each user's jobs sent to one favourite model")
     parser.add_argument("--placement", choices=("bf16", "auto"), default="bf16",
                         help="auto: fifo_budget and affinity run the placement planner's plan (fifo keeps bf16)")
+    parser.add_argument("--no-quant-cache", action="store_true",
+                        help="every quantised load reads bf16 and quantises again (the cache off)")
     parser.add_argument("--workers", type=int, default=None,
                         help="N simulated workers: ours against warm_first and round_robin (bench/scheduler_workers.py)")
     parser.add_argument("--scaling", action="store_true", help="1 worker against 4 at 4x the arrival rate")

@@ -19,7 +19,7 @@ from engine.images import encode_png
 from engine.jobs import GenerationParams
 from engine.llm import LLMCache
 from engine.pipelines import LoadedPipeline, PreviewCallback, generate_blocking, preview_callback
-from engine.residency import ResidencyManager
+from engine.residency import ResidencyManager, TorchOps
 from engine.safety import Attempt, SafetyPolicy
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,8 @@ class JobRunner:
 def default_runner_blocking(config: Config, device: Any, dtype: Any) -> JobRunner:
     """The production runner (GPU thread): residency, the shared chat LLM cache, the safety policy
     with its detectors loaded now, so a missing NudeNet stops start-up instead of the first job."""
-    runner = JobRunner(config, ResidencyManager(device, dtype, settings=config.residency), llms=LLMCache(device, dtype))
+    quant_cache = config.data_dir / "quantised" if config.residency.quantised_cache else None
+    residency = ResidencyManager(device, dtype, settings=config.residency, ops=TorchOps(device, quant_cache=quant_cache))
+    runner = JobRunner(config, residency, llms=LLMCache(device, dtype))
     runner.safety.preload_blocking()
     return runner

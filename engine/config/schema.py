@@ -161,6 +161,7 @@ class ResidencySettings(SettingsModel):
     gpu_budget_gb: StrictFloat = Field(0.0, ge=0.0, json_schema_extra={"unit": "GiB"})  # 0: free GPU memory minus reserve_gb
     reserve_gb: StrictFloat = Field(3.0, ge=0.0, json_schema_extra={"unit": "GiB"})  # kept free for activations and the VAE decode
     cpu_ram_gb: StrictFloat = Field(0.0, ge=0.0, json_schema_extra={"unit": "GiB"})  # RAM tier for evicted pipelines; 0: off
+    quantised_cache: StrictBool = True  # int8/fp8 parts saved once under <data_dir>/quantised, read back at later loads
 
 
 class PreviewSettings(SettingsModel):

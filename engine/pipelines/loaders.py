@@ -13,10 +13,12 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from engine.config import ModelSpec
 from engine.pipelines.errors import translate_error
+from engine.pipelines.quant_cache import QuantCache
 from engine.pipelines.quantise import (
     apart_quantisation,
     check_quantisation,
@@ -88,15 +90,21 @@ def configure_torch_blocking(device: Any) -> None:
 # -- loading ---------------------------------------------------------------------------------
 
 
-def load_pipeline_blocking(spec: ModelSpec, device: Any, dtype: Any) -> LoadedPipeline:
+def load_pipeline_blocking(spec: ModelSpec, device: Any, dtype: Any, *,
+                           quant_cache: Path | None = None) -> LoadedPipeline:
     """Load ``spec`` with its family's loader (quantised as its config says) and place it;
-    never leaves half a model behind."""
+    never leaves half a model behind. ``quant_cache``: the folder of the quantised cache
+    (quant_cache.py): int8/fp8 parts found there are read, the others saved there after loading."""
     started = time.perf_counter()
     check_quantisation(spec, device)  # a config error: refused before anything loads
+    cache = QuantCache(quant_cache) if quant_cache is not None else None
     pipe = None
     try:
         with MODEL_LOADING:
-            pipe = _LOADERS[spec.family](spec, dtype)
+            cached = cache.load_parts(spec, dtype) if cache is not None else {}
+            pipe = _LOADERS[spec.family](spec, dtype, cached)
+            if cache is not None:  # before placement: the weights are still in RAM
+                cache.store_parts(spec, dtype, pipe, skip=cached)
         compile_regional_blocking(pipe, spec)
         # float16: the VAE decodes in float32 (else SDXL's overflows to a black image); any
         # dtype: NaN/Inf pixels raise NonFiniteError, which the safety policy retries.
@@ -118,32 +126,33 @@ def _hub_kwargs(source: str) -> dict[str, Any]:
     return {"local_files_only": True} if os.path.isdir(source) else {}
 
 
-def _pipeline_kwargs(spec: ModelSpec, dtype: Any) -> dict[str, Any]:
-    """``from_pretrained`` arguments: dtype, hub rule, and diffusers' quantisation config if any."""
-    quantisation = pipeline_quantisation(spec, dtype)
+def _pipeline_kwargs(spec: ModelSpec, dtype: Any, cached: dict[str, Any]) -> dict[str, Any]:
+    """``from_pretrained`` arguments: dtype, hub rule, the parts read from the quantised cache,
+    and diffusers' quantisation config for the parts still to quantise, if any."""
+    quantisation = pipeline_quantisation(spec, dtype, skip=cached)
     extra = {"quantization_config": quantisation} if quantisation is not None else {}
-    return {"dtype": dtype, **_hub_kwargs(spec.source), **extra}
+    return {"dtype": dtype, **_hub_kwargs(spec.source), **extra, **cached}
 
 
-def _load_flux(spec: ModelSpec, dtype: Any) -> Any:
+def _load_flux(spec: ModelSpec, dtype: Any, cached: dict[str, Any]) -> Any:
     from diffusers import FluxPipeline
 
-    return FluxPipeline.from_pretrained(spec.source, **_pipeline_kwargs(spec, dtype))
+    return FluxPipeline.from_pretrained(spec.source, **_pipeline_kwargs(spec, dtype, cached))
 
 
-def _load_sdxl(spec: ModelSpec, dtype: Any) -> Any:
+def _load_sdxl(spec: ModelSpec, dtype: Any, cached: dict[str, Any]) -> Any:
     from diffusers import StableDiffusionXLPipeline
 
-    return StableDiffusionXLPipeline.from_pretrained(spec.source, **_pipeline_kwargs(spec, dtype))
+    return StableDiffusionXLPipeline.from_pretrained(spec.source, **_pipeline_kwargs(spec, dtype, cached))
 
 
-def _load_sd3(spec: ModelSpec, dtype: Any) -> Any:
+def _load_sd3(spec: ModelSpec, dtype: Any, cached: dict[str, Any]) -> Any:
     from diffusers import StableDiffusion3Pipeline
 
-    return StableDiffusion3Pipeline.from_pretrained(spec.source, **_pipeline_kwargs(spec, dtype))
+    return StableDiffusion3Pipeline.from_pretrained(spec.source, **_pipeline_kwargs(spec, dtype, cached))
 
 
-def _load_hidream(spec: ModelSpec, dtype: Any) -> Any:
+def _load_hidream(spec: ModelSpec, dtype: Any, cached: dict[str, Any]) -> Any:
     """HiDream-I1 ships without its fourth text encoder: Llama-3.1-8B-Instruct is loaded apart,
     in the pipeline's half precision, with hidden states on (the pipeline reads layers of it)."""
     from diffusers import HiDreamImagePipeline
@@ -152,18 +161,21 @@ def _load_hidream(spec: ModelSpec, dtype: Any) -> Any:
     assert spec.text_encoder_source is not None  # config validation guarantees it
     te_kwargs = _hub_kwargs(spec.text_encoder_source)
     tokenizer_4 = AutoTokenizer.from_pretrained(spec.text_encoder_source, **te_kwargs)
-    apart = apart_quantisation(spec, dtype)
-    if apart is not None:
-        te_kwargs = {**te_kwargs, "quantization_config": apart}
-    text_encoder_4 = LlamaForCausalLM.from_pretrained(
-        spec.text_encoder_source, output_hidden_states=True, output_attentions=True, dtype=dtype, **te_kwargs
-    )
+    cached = dict(cached)
+    text_encoder_4 = cached.pop("text_encoder_4", None)
+    if text_encoder_4 is None:
+        apart = apart_quantisation(spec, dtype)
+        if apart is not None:
+            te_kwargs = {**te_kwargs, "quantization_config": apart}
+        text_encoder_4 = LlamaForCausalLM.from_pretrained(
+            spec.text_encoder_source, output_hidden_states=True, output_attentions=True, dtype=dtype, **te_kwargs
+        )
     return HiDreamImagePipeline.from_pretrained(
-        spec.source, tokenizer_4=tokenizer_4, text_encoder_4=text_encoder_4, **_pipeline_kwargs(spec, dtype)
+        spec.source, tokenizer_4=tokenizer_4, text_encoder_4=text_encoder_4, **_pipeline_kwargs(spec, dtype, cached)
     )
 
 
-_LOADERS: dict[str, Callable[[ModelSpec, Any], Any]] = {
+_LOADERS: dict[str, Callable[[ModelSpec, Any, dict[str, Any]], Any]] = {
     "flux": _load_flux,
     "sdxl": _load_sdxl,
     "sd3": _load_sd3,

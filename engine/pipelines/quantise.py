@@ -9,7 +9,7 @@ it loads. torchao is imported only when a model asks for int8 or fp8.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -42,9 +42,10 @@ def check_quantisation(spec: ModelSpec, device: Any) -> None:
             raise ConfigError(key, quant, "fp8 needs an Ada or Hopper GPU (compute capability 8.9+); use int8")
 
 
-def pipeline_quantisation(spec: ModelSpec, dtype: Any) -> Any | None:
-    """The ``PipelineQuantizationConfig`` for the parts the pipeline loads itself, or None."""
-    parts = {n: q for n, q in quantised_parts(spec).items() if n != LOADED_APART.get(spec.family)}
+def pipeline_quantisation(spec: ModelSpec, dtype: Any, *, skip: Collection[str] = ()) -> Any | None:
+    """The ``PipelineQuantizationConfig`` for the parts the pipeline loads itself (``skip``: parts
+    given ready, from the quantised cache), or None."""
+    parts = {n: q for n, q in quantised_parts(spec).items() if n != LOADED_APART.get(spec.family) and n not in skip}
     if not parts:
         return None
     from diffusers import PipelineQuantizationConfig

@@ -22,15 +22,16 @@ log = logging.getLogger(__name__)
 class TorchOps:
     """``DeviceOps`` for torch: loads through engine.pipelines, moves with ``pipe.to``."""
 
-    def __init__(self, device: Any) -> None:
+    def __init__(self, device: Any, *, quant_cache: Path | None = None) -> None:
         self._device = device
+        self._quant_cache = quant_cache  # engine/pipelines/quant_cache.py; None: off
         self.can_park = self.keeps_host_copy = getattr(device, "type", None) == "cuda"
         self._host: dict[int, _PinnedCopy] = {}  # id(LoadedPipeline) -> its page-locked RAM copy
 
     def load(self, spec: ModelSpec, device: Any, dtype: Any) -> LoadedPipeline:
         from engine.pipelines import load_pipeline_blocking
 
-        return load_pipeline_blocking(spec, device, dtype)
+        return load_pipeline_blocking(spec, device, dtype, quant_cache=self._quant_cache)
 
     def release(self, loaded: LoadedPipeline) -> None:
         from engine.pipelines import release_blocking
