@@ -175,3 +175,25 @@ def test_four_processes_loading_at_once_leave_one_valid_entry_per_part(tiny_conf
     assert not [p for p in (root / spec.id).iterdir() if p.name.startswith(".")]  # no private folder left
     # and a fifth load reads what they wrote
     render(load(spec, root))
+
+
+def test_a_nearly_full_disk_is_left_alone(tiny_config: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    import shutil
+
+    from engine.pipelines import quant_cache
+
+    real = shutil.disk_usage
+
+    def nearly_full(path: Any) -> Any:
+        # 5 GiB free on a 100 GiB disk: any entry would leave less than the 5 GiB kept free
+        return type(real(path))(total=100 * 2**30, used=95 * 2**30, free=5 * 2**30)
+
+    monkeypatch.setattr(quant_cache.shutil, "disk_usage", nearly_full)
+    root = tmp_path / "quantised"
+    spec = spec_of(tiny_config, "flux", quant=int8("flux"))
+    with caplog.at_level(logging.WARNING, logger="engine.pipelines.quant_cache"):
+        image = render(load(spec, root))
+    assert np.isfinite(image).all() and entries(root, spec.id) == {}
+    warning = next(r.getMessage() for r in caplog.records if "is not written" in r.getMessage())
+    assert spec.id in warning and "kept for images and the history" in warning

@@ -43,6 +43,10 @@ MANIFEST = "promptpics-quantised.json"
 FORMAT = 1
 CACHED_QUANTS = ("int8", "fp8")
 STALE_TMP_S = 3600.0  # a private folder older than this was left by a crash
+# Room left on the data folder's disk after an entry is written: the images and the history
+# share that disk, and a cache must never be what fills it.
+MIN_FREE_AFTER_BYTES = 5 * 2**30
+MIN_FREE_AFTER_SHARE = 0.05
 _LIBRARIES = ("torch", "torchao", "diffusers", "transformers")
 _ALLOWED_MODULES = ("diffusers.", "transformers.")  # classes a manifest may name
 
@@ -103,6 +107,14 @@ class QuantCache:
         started = time.perf_counter()
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
+            need, disk = _module_bytes(module), shutil.disk_usage(entry.parent)
+            keep = max(MIN_FREE_AFTER_BYTES, int(MIN_FREE_AFTER_SHARE * disk.total))
+            if disk.free - need < keep:
+                log.warning("%s: the quantised cache for %s %s is not written: it needs %.1f GB and %s would keep "
+                            "%.1f GB free, under the %.1f GB kept for images and the history; the part is quantised "
+                            "again at each load until there is room", spec.id, name, quant, need / 1e9, entry.parent,
+                            (disk.free - need) / 1e9, keep / 1e9)
+                return False
             module.save_pretrained(tmp, safe_serialization=True)
             files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
             manifest = {"format": FORMAT, "model": spec.id, "component": name, "quant": quant,
@@ -201,6 +213,12 @@ def _load_module(entry: Path, spec: ModelSpec, name: str, dtype: Any) -> Any:
     if LOADED_APART.get(spec.family) == name:  # HiDream's Llama: the pipeline reads its layers
         extra = {"output_hidden_states": True, "output_attentions": True}
     return cls.from_pretrained(entry, dtype=dtype, local_files_only=True, **extra)
+
+
+def _module_bytes(module: Any) -> int:
+    from engine.pipelines.sizes import module_nbytes
+
+    return module_nbytes(module)
 
 
 def _sync(folder: Path) -> None:
