@@ -176,8 +176,13 @@ async def test_admin_calls_name_a_worker_or_pick_one(tiny_config: Config) -> Non
         assert await engine.preload("realvis_xl") == 0.0  # already on w1: not loaded twice
         with pytest.raises(RequestError, match="`worker` is 'w7', but it must be one of the workers: w0, w1"):
             await engine.preload("flux_dev", worker="w7")
+        await engine.pin("realvis_xl")  # held by w1: pinned there
+        assert [m.pinned for m in engine.workers()[1].resident] == [True]
         assert await engine.unload("realvis_xl") is True
         assert {m.model_id for m in engine.resident_models()} == set()
+        with pytest.raises(RequestError, match="`model` is 'realvis_xl', but it is loaded on no worker"):
+            await engine.pin("realvis_xl")  # several workers, held by none: said, not silently dropped
+        await engine.pin("realvis_xl", pinned=False)  # nothing to unpin: fine
 
 
 class Small(Watched):

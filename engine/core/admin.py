@@ -63,7 +63,11 @@ class Admin:
         """Pin (or unpin) a model: a pinned model is not evicted to make room (admin)."""
         self._check_open()
         model_id = self._known_model(model_id)
-        for w in self._targets(model_id, worker):
+        targets = self._targets(model_id, worker)
+        if pinned and not targets:  # several workers, none holds it: a pin would apply nowhere
+            raise RequestError("model", model_id, "it is loaded on no worker, so there is nothing to pin; preload it "
+                                                  "with a pin (`/preload MODEL [on WORKER]`, pin=True) or name a worker")
+        for w in targets:
             await w.pin(model_id, pinned)
 
     async def unload(self, model_id: str, *, worker: str | None = None) -> bool:

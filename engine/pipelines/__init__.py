@@ -3,6 +3,7 @@
     loaders.py    one loader per family, placement on the device, LoadedPipeline, device/dtype
     run.py        generate_blocking: the step callback (progress, previews, NaN check), cancel
     quantise.py   [models.<id>.quant] -> diffusers/transformers quantisation configs; regional compile
+    quant_cache.py  int8/fp8 parts saved once under <data_dir>/quantised, read back at later loads
     sizes.py      bytes a loaded pipeline holds (quantised tensor subclasses counted by their parts)
     errors.py     foreign errors -> the engine's (out of memory, a broken or missing model)
     previews.py   latent -> small RGB previews from the step callback, without the VAE
