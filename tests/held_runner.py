@@ -59,3 +59,9 @@ def _first_time(job_id: str) -> bool:
 def holder(job_id: str) -> int:
     """The pid of the process holding ``job_id`` (after its first step was seen)."""
     return int((Path(os.environ[HOLD_DIR]) / f"{job_id}.held").read_text())
+
+
+def llm_home(llm: Any, tag: str) -> tuple[int, str, str, str]:
+    """A router-LLM call that says where it ran: (process, thread, the LLM's class, ``tag``).
+    Module-level, so that Ray pickles it by reference for a worker's actor."""
+    return os.getpid(), threading.current_thread().name, type(llm).__name__, tag

@@ -21,7 +21,7 @@ from engine.cluster.ray_worker import WorkerTakenError
 from engine.config import ClusterSettings, Config
 from engine.jobs import GenerationParams
 from tests.conftest import REPO, RAY_RESOURCE, cluster_test_config
-from tests.held_runner import held_runner, holder
+from tests.held_runner import held_runner, holder, llm_home
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +118,14 @@ async def test_a_job_whose_worker_is_killed_finishes_once_and_the_history_says_w
         await asyncio.gather(*(h.result() for h in first))
         rendered_on = {a.worker for h in first for a in await engine.history.attempts(h.id)}
         assert rendered_on == {"w0", "w1"}
+        # the router's LLM runs on a GPU worker's process, not in the bot's
+        pid, _, llm, _ = await engine._llm_on_a_worker(llm_home, "ray")
+        assert llm == "ChatLLM" and pid in {w.pid for w in engine._workers} and pid != os.getpid()
+        router = engine._router
+        router.settings = router.settings.model_copy(update={"llm_timeout_s": 120.0})  # a loaded CI machine
+        answer = await router._by_llm("a neon shop sign that reads OPEN")  # score_blocking, pickled over
+        assert answer is not None and answer.stage == "llm" and set(answer.scores) == set(config.models)
+        assert router._own_llms is None and router._llm_thread is None  # no LLM loaded here
         # a job held after its first step; its worker's process is killed
         held = await engine.submit(request("hold on"))
         async for event in held.events():

@@ -273,6 +273,36 @@ async def test_an_llm_that_cannot_load_is_switched_off_after_one_warning(tiny_co
     assert len([rec for rec in caplog.records if "LLM stage off" in rec.getMessage()]) == 1
 
 
+async def test_on_ray_workers_the_llm_call_goes_to_a_worker_and_a_lost_one_skips_the_stage(tiny_config: Config) -> None:
+    from engine.cluster import WorkerLostError
+
+    sure_llm = ScriptedLLM({"sd3_medium": -0.1})
+    calls: list[str] = []
+    outcome: list[BaseException | None] = [None]
+
+    async def remote_llm(fn: Any, *args: Any) -> Any:  # the engine's _llm_on_a_worker, one worker
+        calls.append(fn.__name__)
+        if outcome[0] is not None:
+            raise outcome[0]
+        return await asyncio.to_thread(fn, sure_llm, *args)
+
+    unsure = {m: 1.0 for m in IDS}
+    settings = tiny_config.router.model_copy(update={"stages": ("embeddings", "llm"), "thresholds": unsure})
+    async with CascadeRouter(tiny_config, settings, remote_llm=remote_llm) as r:
+        await r.warm_up()
+        decided = await r.route("a snowy mountain pass at twilight")
+        outcome[0] = WorkerLostError("w0", "its process ended")
+        lost = await r.route("a snowy mountain pass at twilight")
+        outcome[0] = None
+        back = await r.route("a snowy mountain pass at twilight")  # not switched off by a lost worker
+        outcome[0] = ModelLoadError("Qwen/Qwen2.5-1.5B-Instruct", "the chat LLM could not be loaded")
+        off = [await r.route("a snowy mountain pass at twilight") for _ in range(2)]
+    assert (decided.model_id, decided.stage) == ("sd3_medium", "llm")
+    assert lost.stage == "embeddings" and back.stage == "llm" and [d.stage for d in off] == ["embeddings"] * 2
+    assert calls == ["_loaded", "score_blocking", "score_blocking", "score_blocking", "score_blocking"]
+    assert len(sure_llm.users) == 2  # the lost call and the failed load never reached it
+
+
 # -- near ties: the loaded model wins ----------------------------------------------------------
 
 

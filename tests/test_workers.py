@@ -15,7 +15,7 @@ import pytest
 from engine import Config, Engine, JobCancelled, JobFailed, JobFinished, JobProgressed, JobRequest, JobStarted, JobStatus, RequestError
 from engine.cluster import WorkerLostError
 from engine.cluster.local import LocalWorker
-from engine.errors import JobCancelledError
+from engine.errors import EngineError, JobCancelledError
 
 
 def job(prompt: str, model: str, *, steps: int = 2, user: str = "local") -> JobRequest:
@@ -265,3 +265,27 @@ async def test_the_crash_loop_guard_counts_worker_losses_across_a_restart_and_no
     assert isinstance(final, JobFailed) and final.error_kind == "WorkerLost" and "2 times" in final.message
     assert [a.outcome for a in attempts] == ["interrupted", "interrupted", "interrupted"]
     assert [a.finished_at is not None for a in attempts] == [True, False, True]
+
+
+async def test_the_router_llm_runs_on_a_free_worker_and_stays_there_while_it_can(tiny_config: Config) -> None:
+    from tests.held_runner import llm_home
+
+    held = [Held("w0"), Held("w1")]
+    async with Engine(tiny_config, workers=held) as engine:
+        # what Ray modes use (each worker its own process there; here two threads of this one)
+        _, thread, llm, tag = await engine._llm_on_a_worker(llm_home, "first")
+        assert (thread, llm, tag) == ("promptpics-w0", "ChatLLM", "first")  # all free: the first
+        busy = await engine.submit(job("held", "flux_dev"))
+        async for event in busy.events():
+            if isinstance(event, JobProgressed):
+                break
+        runs_on = {j.worker for j in engine._running.values()}
+        free = ({"w0", "w1"} - runs_on).pop()
+        assert (await engine._llm_on_a_worker(llm_home, "busy"))[1] == f"promptpics-{free}"  # not behind the job
+        for worker in held:
+            worker.gate.set()
+        await busy.result()
+        # both free again: it stays where the LLM was loaded last
+        assert (await engine._llm_on_a_worker(llm_home, "sticky"))[1] == f"promptpics-{free}"
+    with pytest.raises(EngineError, match="no GPU worker is up"):
+        await engine._llm_on_a_worker(llm_home, "after the stop")

@@ -108,5 +108,11 @@ class Worker(Protocol):
         LLM in embedded mode). Workers in another process refuse it (NotImplementedError)."""
         ...
 
+    async def with_llm(self, llm_id: str, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(llm, *args)`` on this worker's own thread, between jobs, with its chat LLM ``llm_id``
+        loaded (the router's LLM call on Ray workers). ``fn`` and ``args`` must pickle: a
+        module-level function and plain values."""
+        ...
+
 
 __all__ = ["Worker", "WorkerInfo", "WorkerLostError"]

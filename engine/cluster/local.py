@@ -156,6 +156,10 @@ class LocalWorker:
     def call(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         return self._thread.submit(fn, *args)
 
+    async def with_llm(self, llm_id: str, fn: Callable[..., T], *args: Any) -> T:
+        self._check_open()
+        return await self._thread.submit(lambda: fn(self.chat_llm_blocking(llm_id), *args))
+
     def chat_llm_blocking(self, model_id: str) -> ChatLLM:
         """On this worker's thread: a chat LLM from the runner's cache (the safety rewriter's), or
         one of our own when the runner has none (the router's LLM shares the GPU with the jobs)."""

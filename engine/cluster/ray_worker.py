@@ -147,6 +147,9 @@ class WorkerActor:
     async def pin(self, model_id: str, pinned: bool) -> tuple[None, Residency] | Raised:
         return await self._answer(self._worker.pin(model_id, pinned))
 
+    async def with_llm(self, llm_id: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, Residency] | Raised:
+        return await self._answer(self._worker.with_llm(llm_id, fn, *args))
+
     async def stop(self) -> None:
         await self._worker.stop()
 
@@ -337,7 +340,10 @@ class RayWorker:
         await self._admin(self._actor.pin, model_id, pinned)
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        raise NotImplementedError("a Ray worker runs jobs only: the router's LLM runs in the bot's process")
+        raise NotImplementedError("a Ray worker takes picklable work only: use with_llm")
+
+    async def with_llm(self, llm_id: str, fn: Callable[..., Any], *args: Any) -> Any:
+        return await self._admin(self._actor.with_llm, llm_id, fn, args)
 
     async def _admin(self, method: Any, *args: Any) -> Any:
         await self._ready()

@@ -58,6 +58,7 @@ class Dispatcher(QueuePlanner):
     _arrivals: Iterator[int]
     _wakeup: asyncio.Event
     _closing: bool
+    _llm_worker: str = ""  # the worker that ran the router's LLM last (Ray modes)
 
     @property
     def history(self) -> HistoryStore:
@@ -99,6 +100,19 @@ class Dispatcher(QueuePlanner):
                     await asyncio.wait_for(self._wakeup.wait(), WORKER_BACK_POLL_S)
             else:
                 await self._wakeup.wait()
+
+    async def _llm_on_a_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """The router's LLM call when the workers are Ray actors: ``fn(llm, *args)`` on the worker
+        that served it last if it is up and free, else on a free one, else on the first one up
+        (behind its job, as the GPU thread runs it in embedded mode). One worker keeps the LLM
+        while it can: each one that serves it loads a copy."""
+        up = [w for w in self._workers if w.alive]
+        if not up:
+            raise EngineError("no GPU worker is up")
+        pool = [w for w in up if w.info.name not in self._running] or up
+        chosen = next((w for w in pool if w.info.name == self._llm_worker), pool[0])
+        self._llm_worker = chosen.info.name
+        return await chosen.with_llm(self.config.router_llm_id, fn, *args)
 
     def _start_free_workers(self) -> None:
         """Every free, live worker takes its pick (none: it idles until something changes)."""

@@ -57,10 +57,11 @@ class Engine(Admin, Dispatcher):
         self._workers: list[Worker] = list(workers) if workers else (
             [LocalWorker(runner_factory=runner_factory)] if config.cluster.embedded else [])
         # The router LLM runs on the GPU thread, between jobs (docs/ROUTER.md); with Ray workers
-        # it has a thread of its own here (docs/CLUSTER.md).
+        # it runs on one of them, between its jobs (docs/CLUSTER.md).
         local = next((w for w in self._workers if isinstance(w, LocalWorker)), None)
-        self._router = router or (build_router(config) if local is None else build_router(
-            config, run_on_gpu_thread=local.call, llm=lambda: local.chat_llm_blocking(config.router_llm_id)))
+        self._router = router or (build_router(config, remote_llm=self._llm_on_a_worker) if local is None else
+                                  build_router(config, run_on_gpu_thread=local.call,
+                                               llm=lambda: local.chat_llm_blocking(config.router_llm_id)))
         self._scheduler = make_scheduler(config.scheduler)
         self._round_robin = RoundRobin()
         self._timings = CostBook()  # the scheduler's per-model timings and the per-job ETA costs

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from engine.config import Config, RouterConfig
-from engine.errors import ModelLoadError
+from engine.errors import EngineError, ModelLoadError
 from engine.llm import ChatLLM, LLMCache
 from engine.router.embeddings import (
     EmbeddingUnavailable,
@@ -118,6 +118,7 @@ class CascadeRouter:
         *,
         run_on_gpu_thread: GpuRunner | None = None,
         llm: Callable[[], ChatLLM] | None = None,
+        remote_llm: GpuRunner | None = None,
         encoder_loader: EncoderLoader | None = None,
         index_wait_s: float | None = None,
         learned: Mapping[str, tuple[str, ...]] | None = None,
@@ -143,6 +144,8 @@ class CascadeRouter:
         # LLM: the GPU thread when injected; else a thread (and an LLM cache) of our own
         self._run_on_gpu = run_on_gpu_thread
         self._llm_provider = llm
+        # Ray workers: remote_llm(fn, *args) runs fn(llm, *args) on a GPU worker (docs/CLUSTER.md)
+        self._remote_llm = remote_llm
         self._llm_thread: WorkerThread | None = None  # only when no GPU thread is injected
         self._own_llms: LLMCache | None = None
         self._llm_off: str | None = None
@@ -289,14 +292,21 @@ class CascadeRouter:
                 return None
             return score_blocking(self._router_llm_blocking(), self._system, prompt, self._model_ids)
 
+        scoring = self._on_llm_thread(work) if self._remote_llm is None else \
+            self._remote_llm(score_blocking, self._system, prompt, self._model_ids)
         try:
-            log_probs = await asyncio.wait_for(self._on_llm_thread(work), self.settings.llm_timeout_s)
+            log_probs = await asyncio.wait_for(scoring, self.settings.llm_timeout_s)
         except TimeoutError:
             abandoned.set()
             log.info("router: the LLM stage took over %.1f s (GPU busy or loading); skipped", self.settings.llm_timeout_s)
             return None
         except ModelLoadError as exc:
             self._switch_llm_off(exc)
+            return None
+        except Exception as exc:  # remote: no GPU worker up, lost during the call, ...: this prompt only
+            if self._remote_llm is None:
+                raise
+            log.info("router: the LLM stage skipped (%s: %s)", type(exc).__name__, exc)
             return None
         if log_probs is None:
             return None
@@ -339,7 +349,14 @@ class CascadeRouter:
             await self._example_index(full_wait=True)
         if "llm" in self.settings.stages and not self._llm_off:
             try:
-                await self._on_llm_thread(self._router_llm_blocking)
+                if self._remote_llm is not None:
+                    await self._remote_llm(_loaded)
+                else:
+                    await self._on_llm_thread(self._router_llm_blocking)
+            except ModelLoadError as exc:
+                self._switch_llm_off(exc)
+            except EngineError as exc:  # no worker up yet: the first prompt loads it
+                log.info("router: the LLM was not warmed up on a GPU worker (%s)", exc)
             except Exception as exc:
                 self._switch_llm_off(exc)
 
@@ -378,12 +395,17 @@ class CascadeRouter:
 ENGINE_INDEX_WAIT_S = 0.25  # the most a submit waits for the embedding model to finish loading
 
 
+def _loaded(llm: ChatLLM) -> None:
+    """Warm-up on a GPU worker: getting the LLM there loaded it."""
+
+
 def build_router(config: Config, *, run_on_gpu_thread: GpuRunner | None = None,
-                 llm: Callable[[], ChatLLM] | None = None) -> Router:
+                 llm: Callable[[], ChatLLM] | None = None, remote_llm: GpuRunner | None = None) -> Router:
     """The router the engine uses: the cascade from ``config.router``. Until the embedding
     model has loaded (the bot warms it up in the background at start), prompts skip that
     stage after at most ``ENGINE_INDEX_WAIT_S``, and their reason says so."""
-    return CascadeRouter(config, run_on_gpu_thread=run_on_gpu_thread, llm=llm, index_wait_s=ENGINE_INDEX_WAIT_S)
+    return CascadeRouter(config, run_on_gpu_thread=run_on_gpu_thread, llm=llm, remote_llm=remote_llm,
+                         index_wait_s=ENGINE_INDEX_WAIT_S)
 
 
 def _noting_loading(decision: RouteDecision, loading: bool) -> RouteDecision:
