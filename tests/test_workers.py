@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from engine import Config, Engine, JobCancelled, JobFailed, JobFinished, JobProgressed, JobRequest, JobStarted, JobStatus, RequestError
+from engine import Config, Engine, Totals, JobCancelled, JobFailed, JobFinished, JobProgressed, JobRequest, JobStarted, JobStatus, RequestError
 from engine.cluster import WorkerLostError
 from engine.cluster.local import LocalWorker
 from engine.errors import EngineError, JobCancelledError
@@ -289,3 +289,24 @@ async def test_the_router_llm_runs_on_a_free_worker_and_stays_there_while_it_can
         assert (await engine._llm_on_a_worker(llm_home, "sticky"))[1] == f"promptpics-{free}"
     with pytest.raises(EngineError, match="no GPU worker is up"):
         await engine._llm_on_a_worker(llm_home, "after the stop")
+
+
+async def test_the_dashboard_and_the_metrics_count_every_worker_s_memory(tiny_config: Config) -> None:
+    from web.dashboard import queue_snapshot
+    from web.metrics import Snapshot
+
+    async with Engine(tiny_config, workers=[Watched("w0"), Watched("w1")]) as engine:
+        await engine.preload("realvis_xl", worker="w0")
+        await engine.preload("realvis_xl", worker="w1")  # a second copy: both hold it
+        await engine.preload("sd3_medium", worker="w1")
+        snap = queue_snapshot(engine)
+        metrics = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in Snapshot(Totals({}, {}, [], []), [], engine).collect() for s in family.samples}
+    per_worker = {w: sum(r["bytes"] for r in snap["resident"] if r["worker"] == w) for w in ("w0", "w1")}
+    assert sorted((r["model"], r["worker"]) for r in snap["resident"]) == [
+        ("realvis_xl", "w0"), ("realvis_xl", "w1"), ("sd3_medium", "w1")]
+    assert snap["workers"] == 2 and per_worker["w0"] > 0 and per_worker["w1"] > per_worker["w0"]
+    used = {w: metrics[("promptpics_worker_gpu_memory_used_bytes", (("worker", w),))] for w in ("w0", "w1")}
+    assert metrics[("promptpics_gpu_memory_used_bytes", ())] == used["w0"] + used["w1"] == snap["gpu_used_bytes"]
+    assert metrics[("promptpics_model_resident", (("model", "realvis_xl"), ("where", "cpu")))] == 2
+    assert metrics[("promptpics_model_resident", (("model", "sd3_medium"), ("where", "cpu")))] == 1

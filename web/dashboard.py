@@ -53,16 +53,20 @@ def _engine(state: WebState) -> Engine:
 
 
 def queue_snapshot(engine: Engine) -> dict[str, Any]:
-    status = engine.residency_status()
+    """The queue, and what every GPU worker holds (summed over the workers; each row names its worker)."""
+    workers = engine.workers()
+    statuses = [(w.info.name, w.status) for w in workers if w.status is not None]
+    budgets = [s.gpu_budget_bytes for _, s in statuses if s.gpu_budget_bytes is not None]
     return {
         "entries": [{"job_id": e.job_id, "position": e.position, "model": e.model_id, "user": e.user,
                      "status": e.status.value, "waited_s": round(e.waited_s, 1),
                      "eta_s": None if e.eta_s is None else round(e.eta_s, 1), "worker": e.worker}
                     for e in engine.queue_snapshot()],
         "resident": [{"model": m.model_id, "where": m.where, "bytes": m.device_bytes or m.nbytes, "pinned": m.pinned,
-                      "load_s": round(m.load_s, 2)} for m in (status.models if status else ())],
-        "gpu_used_bytes": status.gpu_used_bytes if status else 0,
-        "gpu_budget_bytes": status.gpu_budget_bytes if status else None,
+                      "load_s": round(m.load_s, 2), "worker": name} for name, s in statuses for m in s.models],
+        "gpu_used_bytes": sum(s.gpu_used_bytes for _, s in statuses),
+        "gpu_budget_bytes": sum(budgets) if budgets else None,
+        "workers": len(workers),
         "models": sorted(engine.config.models),
     }
 

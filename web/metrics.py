@@ -73,18 +73,23 @@ class Snapshot(Collector):
         return safety
 
     def _gpu(self) -> Iterator[Metric]:
-        status = self._engine.residency_status() if self._engine is not None else None
-        if status is None:
+        """Summed over the GPU workers (per worker: ``_workers``)."""
+        statuses = [w.status for w in self._engine.workers() if w.status is not None] if self._engine else []
+        if not statuses:
             return
         yield GaugeMetricFamily("promptpics_gpu_memory_used_bytes", "Bytes the resident models count against the "
-                                "GPU budget.", value=status.gpu_used_bytes)
-        if status.gpu_budget_bytes is not None:
-            yield GaugeMetricFamily("promptpics_gpu_memory_budget_bytes", "The GPU budget for models.",
-                                    value=status.gpu_budget_bytes)
-        resident = GaugeMetricFamily("promptpics_model_resident", "1 for each model in memory, by where it is.",
-                                     labels=["model", "where"])
-        for m in status.models:
-            resident.add_metric([m.model_id, m.where], 1)
+                                "GPU budgets, all workers.", value=sum(s.gpu_used_bytes for s in statuses))
+        budgets = [s.gpu_budget_bytes for s in statuses if s.gpu_budget_bytes is not None]
+        if budgets:
+            yield GaugeMetricFamily("promptpics_gpu_memory_budget_bytes", "The GPU budgets for models, all workers.",
+                                    value=sum(budgets))
+        resident = GaugeMetricFamily("promptpics_model_resident", "How many workers hold each model in memory (1 "
+                                     "with one GPU), by where it is.", labels=["model", "where"])
+        counts: dict[tuple[str, str], int] = {}
+        for m in (m for s in statuses for m in s.models):
+            counts[(m.model_id, m.where)] = counts.get((m.model_id, m.where), 0) + 1
+        for (model_id, where), n in sorted(counts.items()):
+            resident.add_metric([model_id, where], n)
         yield resident
 
 

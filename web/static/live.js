@@ -59,7 +59,8 @@
     $("waiting").replaceChildren(...rows);
     $("resident").replaceChildren(...snap.resident.map((m) => {
       const tr = document.createElement("tr");
-      tr.append(cell(m.model + (m.pinned ? " (pinned)" : "")), cell(m.where), cell(mib(m.bytes)), cell(secs(m.load_s)),
+      const on = snap.workers > 1 ? ` on ${m.worker}` : "";
+      tr.append(cell(m.model + on + (m.pinned ? " (pinned)" : "")), cell(m.where), cell(mib(m.bytes)), cell(secs(m.load_s)),
                 actionCell("unload", m.model, "Unload"));
       return tr;
     }));
