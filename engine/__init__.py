@@ -97,6 +97,7 @@ from engine.router import evaluate as evaluate_router
 from engine.router import format_report as format_router_report
 from engine.router import read_examples as read_router_examples
 from engine.router.learn import LearnOptions, LearnOutcome, learned_for_router
+from engine.pipelines.quant_cache import cacheable_parts, cached_on_disk
 from engine.router.learn import learn as learn_router
 from engine.safety import BlankImageError, ImageRefusedError, UnsafeContentError
 from engine.tiny import ensure_tiny_models
@@ -137,7 +138,7 @@ __all__ = [
     # what the bot shows or checks: the model table, the seed bound, the tiny profile's models
     "describe_models", "MAX_SEED", "ensure_tiny_models",
     # what a front end checks before any engine starts: the request, the weights on this machine
-    "check_request", "missing_weights", "source_state",
+    "check_request", "missing_weights", "source_state", "cacheable_parts", "cached_on_disk",
     # the router on its own: `promptpics route` and `promptpics eval-router`
     "CascadeRouter", "ROUTER_STAGES", "evaluate_router", "format_router_report", "read_router_examples",
     # routing feedback and `promptpics router learn` (docs/ROUTER.md, "Learning from the community")

@@ -124,3 +124,21 @@ def test_the_cluster_check_names_what_a_ray_mode_needs(tiny_config: Config, monk
     del versions["ray"]
     missing = _cluster_check(with_cluster(mode="local"))
     assert missing.status == "fail" and "pip install -e '.[cluster]'" in missing.detail
+
+
+def test_the_quantised_cache_row_says_what_is_kept(tiny_config: Config, tmp_path: Path) -> None:
+    from bot.cli.doctor import _quantised_cache_check
+    from engine.config import QuantSettings
+
+    assert "not used" in _quantised_cache_check(tiny_config).detail
+    flux = tiny_config.model("flux_dev").model_copy(update={"quant": QuantSettings(denoiser="int8")})
+    config = tiny_config.model_copy(update={"models": {**tiny_config.models, "flux_dev": flux}})
+    assert _quantised_cache_check(config).detail.endswith("flux_dev at its first load")
+    entry = config.data_dir / "quantised" / "flux_dev" / "transformer-int8-0123456789abcdef"
+    entry.mkdir(parents=True)
+    (entry / "model.safetensors").write_bytes(b"x" * 3000)
+    (entry / "promptpics-quantised.json").write_text(json.dumps({"format": 1, "files": {"model.safetensors": 3000}}))
+    check = _quantised_cache_check(config)
+    assert check.status == "ok" and "flux_dev 1 part(s)" in check.detail
+    off = config.model_copy(update={"residency": config.residency.model_copy(update={"quantised_cache": False})})
+    assert "off (residency.quantised_cache = false)" in _quantised_cache_check(off).detail

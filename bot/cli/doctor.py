@@ -23,6 +23,8 @@ from engine import (
     DataFolderLock,
     EngineError,
     Hub,
+    cacheable_parts,
+    cached_on_disk,
     TorchFacts,
     WeightsState,
     WeightsTarget,
@@ -116,7 +118,23 @@ def _local_checks(config: Config, hub: Hub) -> dict[str, Check]:
     checks |= _router_checks(config, hub)
     checks["nudenet"] = _nudenet_check(config)
     checks["cluster"] = _cluster_check(config)
+    checks["quantised cache"] = _quantised_cache_check(config)
     return checks | _data_checks(config.data_dir)
+
+
+def _quantised_cache_check(config: Config) -> Check:
+    """What the quantised cache holds (engine/pipelines/quant_cache.py); never fails."""
+    quantised = [spec for spec in config.models.values() if cacheable_parts(spec)]
+    if not quantised:
+        return Check("ok", "not used: no model has an int8 or fp8 part")
+    names = ", ".join(spec.id for spec in quantised)
+    if not config.residency.quantised_cache:
+        return Check("ok", f"off (residency.quantised_cache = false): every load of {names} quantises again")
+    root = config.data_dir / "quantised"
+    held = {spec.id: cached_on_disk(root, spec) for spec in quantised}
+    parts = [f"{mid} {n} part(s), {human_bytes(size)}" if n else f"{mid} at its first load"
+             for mid, (n, size) in held.items()]
+    return Check("ok", f"{root}: " + "; ".join(parts))
 
 
 def _cluster_check(config: Config) -> Check:

@@ -166,6 +166,14 @@ class QuantCache:
         return self.root / spec.id / f"{name}-{quant}-{key}"
 
 
+def cached_on_disk(root: Path, spec: ModelSpec) -> tuple[int, int]:
+    """(finished entries, their bytes) kept for ``spec`` under ``root``, whatever their key: what
+    ``promptpics doctor`` reports. No torch, no hub lookups."""
+    folder = Path(root) / spec.id
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".") and _valid(p)] if folder.is_dir() else []
+    return len(entries), sum(f.stat().st_size for e in entries for f in e.iterdir() if f.is_file())
+
+
 def cacheable_parts(spec: ModelSpec) -> dict[str, str]:
     """``{component: quant}`` for the parts of ``spec`` the cache keeps (torchao's int8 and fp8)."""
     return {n: q for n, q in quantised_parts(spec).items() if q in CACHED_QUANTS}
