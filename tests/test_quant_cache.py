@@ -197,3 +197,20 @@ def test_a_nearly_full_disk_is_left_alone(tiny_config: Any, tmp_path: Path, monk
     assert np.isfinite(image).all() and entries(root, spec.id) == {}
     warning = next(r.getMessage() for r in caplog.records if "is not written" in r.getMessage())
     assert spec.id in warning and "kept for images and the history" in warning
+
+
+def test_a_private_folder_left_by_a_crash_goes_and_one_being_written_stays(tiny_config: Any, tmp_path: Path) -> None:
+    root = tmp_path / "quantised"
+    spec = spec_of(tiny_config, "flux", quant=int8("flux"))
+    folder = root / spec.id
+    folder.mkdir(parents=True)
+    crashed = folder / ".transformer-int8-0123456789abcdef.tmp-999999-deadbeef"
+    writing = folder / ".transformer-int8-0123456789abcdef.tmp-999998-cafef00d"
+    for private in (crashed, writing):
+        private.mkdir()
+        (private / "diffusion_pytorch_model.safetensors").write_bytes(b"half")
+    two_hours_ago = crashed.stat().st_mtime - 7200
+    os.utime(crashed, (two_hours_ago, two_hours_ago))
+    render(load(spec, root))
+    assert not crashed.exists() and writing.exists()
+    assert set(entries(root, spec.id)) == {"transformer", "text_encoder_2"}
