@@ -71,6 +71,10 @@ def test_the_json_shape_is_the_documented_one() -> None:
     assert set(flux) >= {"denoiser", "text_encoders", "offload", "gb"}
     assert set(flux["text_encoders"]) == {"text_encoder", "text_encoder_2"}
     assert all(isinstance(g, list) for g in out["resident_together"])
+    # the disk the quantised cache takes: the int8 transformers of flux (23.8 GB) and HiDream (34.21 GB)
+    assert (flux["denoiser"], out["models"]["logo_sdxl"]["denoiser"]) == ("int8", "int8")
+    assert out["quantised_cache_gb"] == pytest.approx((23.8 + 34.21) * 0.52, abs=0.01)
+    assert plan_placements(FOUR, 141).to_json()["quantised_cache_gb"] == 0  # all bf16: nothing cached
 
 
 def test_promptpics_plan_prints_the_json_plan_for_a_card(tmp_path: Path) -> None:
@@ -83,6 +87,7 @@ def test_promptpics_plan_prints_the_json_plan_for_a_card(tmp_path: Path) -> None
     assert "Failed to load" not in done.stderr and "torchao" not in done.stderr  # planning imports no torchao
     text = promptpics(env, "plan", "--gpu-gb", "12")
     assert text.returncode == 0 and "flux_dev" in text.stdout and "nf4" in text.stdout
+    assert f"then read from {tmp_path / 'quantised'}" in text.stdout and "GB of disk" in text.stdout
     bad = promptpics(env, "plan", "--gpu-gb", "2")
     assert bad.returncode != 0 and "--gpu-gb" in bad.stderr and "reserve_gb" in bad.stderr
 

@@ -77,6 +77,11 @@ def format_plan(plan: Plan, config: Config, traffic_line: str = "") -> str:
     lines.append(f"resident together: {groups or 'one model at a time'}")
     if traffic_line:
         lines.append(traffic_line)
+    if plan.cache_gb:
+        lines.append(f"int8/fp8 parts are quantised at each model's first load (on the CPU: minutes for the large "
+                     f"ones on a small host), then read from {config.data_dir / 'quantised'}: "
+                     f"{plan.cache_gb:.1f} GB of disk" if config.residency.quantised_cache else
+                     "int8/fp8 parts are quantised again at every load (residency.quantised_cache = false)")
     if config.placement != "auto":
         lines.append('engine.placement is "manual": set it to "auto" to apply this plan at start-up')
     return "\n".join(lines)

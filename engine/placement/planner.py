@@ -71,9 +71,18 @@ class Plan:
         """What the models may hold, in decimal GB (the unit of the size figures)."""
         return max(0.0, (self.gpu_gb - self.reserve_gb) * GIB_IN_GB)
 
+    @property
+    def cache_gb(self) -> float:
+        """Disk the quantised cache (``residency.quantised_cache``) takes for this plan's int8/fp8 parts."""
+        total = 0.0
+        for p in self.models.values():
+            parts = {DENOISER[p.family]: p.denoiser, **p.text_encoders}
+            total += sum(quantised_gb(COMPONENTS_GB[p.family][n], q) for n, q in parts.items() if q in ("int8", "fp8"))
+        return total
+
     def to_json(self) -> dict[str, Any]:
         return {"gpu_gb": self.gpu_gb, "reserve_gb": self.reserve_gb, "ram_gb": self.ram_gb, "fp8": self.fp8,
-                "budget_gb": round(self.budget_gb, 2),
+                "budget_gb": round(self.budget_gb, 2), "quantised_cache_gb": round(self.cache_gb, 2),
                 "models": {mid: p.to_json() for mid, p in self.models.items()},
                 "resident_together": [list(g) for g in self.resident_together]}
 
