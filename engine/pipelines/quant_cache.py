@@ -49,6 +49,7 @@ MIN_FREE_AFTER_BYTES = 5 * 2**30
 MIN_FREE_AFTER_SHARE = 0.05
 _LIBRARIES = ("torch", "torchao", "diffusers", "transformers")
 _ALLOWED_MODULES = ("diffusers.", "transformers.")  # classes a manifest may name
+_UNWRITABLE: set[Path] = set()  # entries whose write failed in this process: not tried (nor warned) again
 
 
 class QuantCache:
@@ -103,6 +104,8 @@ class QuantCache:
     def _store(self, spec: ModelSpec, name: str, quant: str, module: Any, entry: Path) -> bool:
         if _valid(entry):
             return True
+        if entry in _UNWRITABLE:
+            return False
         tmp = entry.parent / f".{entry.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         started = time.perf_counter()
         try:
@@ -128,8 +131,10 @@ class QuantCache:
                 return _valid(entry)
         except Exception as exc:  # a full disk, a read-only data folder, a format torchao cannot save
             log.warning("%s: could not write the quantised cache for %s %s at %s (%s: %s); the part is "
-                        "quantised again at each load", spec.id, name, quant, entry, type(exc).__name__, exc)
+                        "quantised again at each load, and not written again until a restart", spec.id, name, quant,
+                        entry, type(exc).__name__, exc)
             _remove(tmp)
+            _UNWRITABLE.add(entry)
             return False
         log.info("%s: %s %s saved to the quantised cache (%.0f MB) in %.2f s", spec.id, name, quant,
                  sum(files.values()) / 2**20, time.perf_counter() - started)
