@@ -91,6 +91,7 @@ from engine.probes import TorchFacts, embedding_model_state, nudenet_state, torc
 from engine.placement import Plan, plan_for_config
 from engine.placement.apply import explicit_keys as explicit_placement_keys
 from engine.placement.start import measure_card_blocking
+from engine.placement.warm import Warmed, warm_quantised_cache_blocking
 from engine.placement.traffic import RECENT_JOBS, describe_shares, parse_shares
 from engine.router import CascadeRouter
 from engine.router import evaluate as evaluate_router
@@ -151,5 +152,5 @@ __all__ = [
     "TorchFacts", "embedding_model_state", "nudenet_state", "torch_facts_blocking",
     # `promptpics plan`: the placement planner for a card
     "Plan", "RECENT_JOBS", "describe_shares", "explicit_placement_keys", "measure_card_blocking", "parse_shares",
-    "plan_for_config",
+    "plan_for_config", "Warmed", "warm_quantised_cache_blocking",
 ]

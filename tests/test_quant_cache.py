@@ -215,3 +215,27 @@ def test_a_private_folder_left_by_a_crash_goes_and_one_being_written_stays(tiny_
     render(load(spec, root))
     assert not crashed.exists() and writing.exists()
     assert set(entries(root, spec.id)) == {"transformer", "text_encoder_2"}
+
+
+def test_download_quantise_fills_the_cache_before_the_first_job(cli_env: dict[str, str], tmp_path: Path) -> None:
+    from tests.conftest import promptpics
+
+    config = tmp_path / "config.toml"
+    config.write_text((REPO / "config.toml").read_text(encoding="utf-8")
+                      + '\n[models.flux_dev.quant]\ndenoiser = "int8"\ntext_encoders = { text_encoder_2 = "int8" }\n')
+    args = ("--config", str(config), "--profile", "tiny", "download")
+    first = promptpics(cli_env, *args, "flux_dev", "realvis_xl", "--quantise")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "flux_dev: transformer, text_encoder_2 quantised and kept in" in first.stdout
+    assert "realvis_xl: no int8/fp8 part, nothing to quantise" in first.stdout
+    root = Path(cli_env["PROMPTPICS_DATA_DIR"]) / "quantised"
+    assert set(entries(root, "flux_dev")) == {"transformer", "text_encoder_2"}
+    again = promptpics(cli_env, *args, "flux_dev", "--quantise")  # twice: nothing to do
+    assert again.returncode == 0 and "flux_dev: transformer, text_encoder_2 already in the quantised cache" in again.stdout
+    # the engine's first job reads them: the keys are the engine's (device, dtype, placements)
+    job = promptpics(cli_env, "--config", str(config), "--profile", "tiny", "-v", "imagine", "a fox", "--model",
+                     "flux_dev", "--steps", "2", "--width", "256", "--height", "256", "--out", str(tmp_path / "fox.png"))
+    assert job.returncode == 0, job.stdout + job.stderr
+    assert "transformer int8 read from the quantised cache" in job.stderr
+    bad = promptpics(cli_env, *args, "flux_xl", "--quantise")
+    assert bad.returncode != 0 and "flux_xl" in bad.stderr and "Traceback" not in bad.stderr

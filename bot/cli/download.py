@@ -3,7 +3,9 @@
 Plans every model first (its file list and sizes, what is already cached), checks the disk
 once for the total, then lets huggingface_hub transfer the missing files (parallel, resumed
 after a dropped connection, complete files skipped), so running it again is always safe.
-Models whose ``source`` is a local folder are reported and skipped.
+Models whose ``source`` is a local folder are reported and skipped. ``--quantise`` then fills
+the quantised cache for the models' int8/fp8 parts (engine/pipelines/quant_cache.py), so that
+their first job does not wait for the CPU to quantise them.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from engine import (
     DownloadInterruptedError,
     DownloadPlan,
     Hub,
+    RequestError,
     check_disk,
     fetch,
     free_bytes,
     human_bytes,
     plan_download,
+    warm_quantised_cache_blocking,
     weight_targets,
 )
 
@@ -34,18 +38,52 @@ def add_download_command(subparsers: Any) -> None:
     download.add_argument("models", nargs="*", metavar="MODEL", help="model ids (see `promptpics models`)")
     download.add_argument("--all", action="store_true", help="every model, and the router's and rewrite's LLMs")
     download.add_argument("--dry-run", action="store_true", help="list the files and their sizes; download nothing")
+    download.add_argument("--quantise", action="store_true",
+                          help="then quantise the models' int8/fp8 parts into the quantised cache now (minutes of "
+                               "CPU for the large ones), so that their first job does not wait for it")
     download.set_defaults(run=cmd_download)
 
 
 async def cmd_download(config: Config, args: argparse.Namespace) -> int:
-    if config.profile == "tiny":
+    if config.profile == "tiny" and not args.quantise:
         print("the tiny profile builds its models on this machine: nothing to download")
         return 0
     if not args.models and not args.all:
         print(f"promptpics: name the models to download ({', '.join(config.models)}) or use --all", file=sys.stderr)
         return 2
-    hub = Hub.from_environment(os.environ)  # read here, once: HF_ENDPOINT, HF_HOME / HF_HUB_CACHE, HF_TOKEN
-    return await asyncio.to_thread(download_blocking, config, args, hub)
+    if config.profile == "tiny":
+        print("the tiny profile builds its models on this machine: nothing to download")
+        done = 0
+    else:
+        hub = Hub.from_environment(os.environ)  # read here, once: HF_ENDPOINT, HF_HOME / HF_HUB_CACHE, HF_TOKEN
+        done = await asyncio.to_thread(download_blocking, config, args, hub)
+    if done != 0 or not args.quantise or args.dry_run:
+        return done
+    return await quantise(config, list(args.models) or list(config.models))
+
+
+async def quantise(config: Config, model_ids: list[str]) -> int:
+    """``--quantise``: the parts the engine would quantise at each model's first load, done now."""
+    from bot.cli.plan import traffic
+    from bot.cli.profile import prepare
+
+    if not config.residency.quantised_cache:
+        print("promptpics: residency.quantised_cache is false: nothing would be kept, so nothing is quantised now",
+              file=sys.stderr)
+        return 2
+    config = await asyncio.to_thread(prepare, config)  # the tiny profile: its twins
+    shares, _ = await traffic(config, None)  # the placements engine.placement = "auto" would choose
+    if unknown := [m for m in model_ids if m not in config.models]:  # refused before anything loads
+        raise RequestError("model", unknown[0], f"it must be one of {', '.join(config.models)}")
+    print(f"quantising into {config.data_dir / 'quantised'} ...", file=sys.stderr)
+    for warmed in await asyncio.to_thread(warm_quantised_cache_blocking, config, model_ids, shares):
+        if not warmed.parts:
+            print(f"{warmed.model_id}: no int8/fp8 part, nothing to quantise")
+        elif not warmed.written:
+            print(f"{warmed.model_id}: {', '.join(warmed.parts)} already in the quantised cache")
+        else:
+            print(f"{warmed.model_id}: {', '.join(warmed.written)} quantised and kept in {warmed.seconds:.1f} s")
+    return 0
 
 
 def download_blocking(config: Config, args: argparse.Namespace, hub: Hub) -> int:

@@ -25,6 +25,7 @@ from engine.pipelines.quantise import (
     compile_regional_blocking,
     pipeline_quantisation,
     quantised_parts,
+    quiet_torchao_import,
 )
 from engine.pipelines.sizes import pipeline_nbytes
 from engine.safety.prevention import guard_vae_decode_blocking
@@ -119,6 +120,28 @@ def load_pipeline_blocking(spec: ModelSpec, device: Any, dtype: Any, *,
     log.info("loaded %s (%s, %s, %.0f MB, %s) in %.2f s", spec.id, spec.family, quant, loaded.nbytes / 2**20,
              placement, loaded.load_s)
     return loaded
+
+
+def quantise_into_cache_blocking(spec: ModelSpec, dtype: Any, cache_dir: Path, device: Any) -> list[str]:
+    """Fill the quantised cache for ``spec`` now (``promptpics download --quantise``): load it in
+    RAM with the parts already cached, quantise the others and save them; nothing is placed on a
+    device. Returns the parts written (none when every part was cached already)."""
+    check_quantisation(spec, device)
+    cache = QuantCache(cache_dir)
+    if not cache.missing_parts(spec, dtype):
+        return []
+    pipe = None
+    try:
+        with MODEL_LOADING, quiet_torchao_import(quantised_parts(spec).values()):  # a CLI's console: no import noise
+            cached = cache.load_parts(spec, dtype)
+            pipe = _LOADERS[spec.family](spec, dtype, cached)
+            written = cache.store_parts(spec, dtype, pipe, skip=cached)
+    except BaseException as exc:
+        raise translate_error(exc, spec.id, "loading") from exc
+    finally:
+        del pipe
+        gc.collect()
+    return [entry.name.rsplit("-", 2)[0] for entry in written]
 
 
 def _hub_kwargs(source: str) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import ModelSpec
-from engine.pipelines.quantise import LOADED_APART, quantised_parts
+from engine.pipelines.quantise import LOADED_APART, quantised_parts, quiet_torchao_import
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,8 @@ class QuantCache:
                 continue
             started = time.perf_counter()
             try:
-                module = _load_module(entry, spec, name, dtype)
+                with quiet_torchao_import([quant]):  # torchao's import-time warnings, as when it quantises
+                    module = _load_module(entry, spec, name, dtype)
             except Exception as exc:  # truncated, from another library version, ...
                 log.warning("%s: the cached %s %s at %s does not load (%s: %s); it is removed and the part is "
                             "quantised again from %s", spec.id, name, quant, entry, type(exc).__name__, exc,
@@ -87,6 +88,11 @@ class QuantCache:
                      time.perf_counter() - started)
             out[name] = module
         return out
+
+    def missing_parts(self, spec: ModelSpec, dtype: Any) -> list[str]:
+        """The cacheable parts of ``spec`` without a valid entry (nothing is loaded to tell)."""
+        return [name for name, quant in cacheable_parts(spec).items()
+                if (entry := self._entry(spec, name, quant, dtype)) is None or not _valid(entry)]
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -118,7 +124,8 @@ class QuantCache:
                             "again at each load until there is room", spec.id, name, quant, need / 1e9, entry.parent,
                             (disk.free - need) / 1e9, keep / 1e9)
                 return False
-            module.save_pretrained(tmp, safe_serialization=True)
+            with quiet_torchao_import([quant]):
+                module.save_pretrained(tmp, safe_serialization=True)
             files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
             manifest = {"format": FORMAT, "model": spec.id, "component": name, "quant": quant,
                         "class": f"{type(module).__module__}:{type(module).__qualname__}", "files": files}
