@@ -133,7 +133,8 @@ def test_the_quantised_cache_row_says_what_is_kept(tiny_config: Config, tmp_path
     assert "not used" in _quantised_cache_check(tiny_config).detail
     flux = tiny_config.model("flux_dev").model_copy(update={"quant": QuantSettings(denoiser="int8")})
     config = tiny_config.model_copy(update={"models": {**tiny_config.models, "flux_dev": flux}})
-    assert _quantised_cache_check(config).detail.endswith("flux_dev at its first load")
+    assert _quantised_cache_check(config).detail.endswith(
+        "flux_dev at its first load (or now: promptpics download flux_dev --quantise)")
     entry = config.data_dir / "quantised" / "flux_dev" / "transformer-int8-0123456789abcdef"
     entry.mkdir(parents=True)
     (entry / "model.safetensors").write_bytes(b"x" * 3000)

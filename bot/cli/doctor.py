@@ -134,7 +134,9 @@ def _quantised_cache_check(config: Config) -> Check:
     held = {spec.id: cached_on_disk(root, spec) for spec in quantised}
     parts = [f"{mid} {n} part(s), {human_bytes(size)}" if n else f"{mid} at its first load"
              for mid, (n, size) in held.items()]
-    return Check("ok", f"{root}: " + "; ".join(parts))
+    later = [mid for mid, (n, _) in held.items() if not n]
+    hint = f" (or now: promptpics download {' '.join(later)} --quantise)" if later else ""
+    return Check("ok", f"{root}: " + "; ".join(parts) + hint)
 
 
 def _cluster_check(config: Config) -> Check:
