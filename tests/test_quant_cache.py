@@ -239,3 +239,22 @@ def test_download_quantise_fills_the_cache_before_the_first_job(cli_env: dict[st
     assert "transformer int8 read from the quantised cache" in job.stderr
     bad = promptpics(cli_env, *args, "flux_xl", "--quantise")
     assert bad.returncode != 0 and "flux_xl" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_running_out_of_ram_while_reading_keeps_the_entry(tiny_config: Any, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.errors import EngineError
+    from engine.pipelines import quant_cache
+
+    root = tmp_path / "quantised"
+    spec = spec_of(tiny_config, "flux", quant=int8("flux"))
+    render(load(spec, root))
+    kept = entries(root, spec.id)
+
+    def no_memory(*_a: Any, **_k: Any) -> Any:
+        raise MemoryError
+
+    monkeypatch.setattr(quant_cache, "_load_module", no_memory)
+    with pytest.raises(EngineError):  # the load fails as a load out of RAM does ...
+        load(spec, root)
+    assert entries(root, spec.id) == kept and all(quant_cache._valid(e) for e in kept.values())  # ... the cache stays

@@ -78,6 +78,8 @@ class QuantCache:
             try:
                 with quiet_torchao_import([quant]):  # torchao's import-time warnings, as when it quantises
                     module = _load_module(entry, spec, name, dtype)
+            except MemoryError:  # the machine, not the entry: kept, and the load fails as any would
+                raise
             except Exception as exc:  # truncated, from another library version, ...
                 log.warning("%s: the cached %s %s at %s does not load (%s: %s); it is removed and the part is "
                             "quantised again from %s", spec.id, name, quant, entry, type(exc).__name__, exc,
