@@ -98,14 +98,10 @@ def load_pipeline_blocking(spec: ModelSpec, device: Any, dtype: Any, *,
     (quant_cache.py): int8/fp8 parts found there are read, the others saved there after loading."""
     started = time.perf_counter()
     check_quantisation(spec, device)  # a config error: refused before anything loads
-    cache = QuantCache(quant_cache) if quant_cache is not None else None
     pipe = None
     try:
         with MODEL_LOADING:
-            cached = cache.load_parts(spec, dtype) if cache is not None else {}
-            pipe = _LOADERS[spec.family](spec, dtype, cached)
-            if cache is not None:  # before placement: the weights are still in RAM
-                cache.store_parts(spec, dtype, pipe, skip=cached)
+            pipe, _ = _load_through_cache(spec, dtype, QuantCache(quant_cache) if quant_cache is not None else None)
         compile_regional_blocking(pipe, spec)
         # float16: the VAE decodes in float32 (else SDXL's overflows to a black image); any
         # dtype: NaN/Inf pixels raise NonFiniteError, which the safety policy retries.
@@ -133,15 +129,21 @@ def quantise_into_cache_blocking(spec: ModelSpec, dtype: Any, cache_dir: Path, d
     pipe = None
     try:
         with MODEL_LOADING, quiet_torchao_import(quantised_parts(spec).values()):  # a CLI's console: no import noise
-            cached = cache.load_parts(spec, dtype)
-            pipe = _LOADERS[spec.family](spec, dtype, cached)
-            written = cache.store_parts(spec, dtype, pipe, skip=cached)
+            pipe, written = _load_through_cache(spec, dtype, cache)
     except BaseException as exc:
         raise translate_error(exc, spec.id, "loading") from exc
     finally:
         del pipe
         gc.collect()
-    return [entry.name.rsplit("-", 2)[0] for entry in written]
+    return written
+
+
+def _load_through_cache(spec: ModelSpec, dtype: Any, cache: QuantCache | None) -> tuple[Any, list[str]]:
+    """The family's loader with the parts the cache holds; the parts it quantised are saved there
+    while the weights are still in RAM (before any placement). Returns (pipeline, parts written)."""
+    cached = cache.load_parts(spec, dtype) if cache is not None else {}
+    pipe = _LOADERS[spec.family](spec, dtype, cached)
+    return pipe, cache.store_parts(spec, dtype, pipe, skip=cached) if cache is not None else []
 
 
 def _hub_kwargs(source: str) -> dict[str, Any]:

@@ -22,6 +22,7 @@ never a job.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import json
@@ -98,15 +99,15 @@ class QuantCache:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def store_parts(self, spec: ModelSpec, dtype: Any, pipe: Any, *, skip: Iterable[str] = ()) -> list[Path]:
+    def store_parts(self, spec: ModelSpec, dtype: Any, pipe: Any, *, skip: Iterable[str] = ()) -> list[str]:
         """Save every cacheable quantised part of the freshly loaded ``pipe`` not in ``skip``;
-        returns the entries written (an entry another process wrote first counts as written)."""
+        returns the parts written (one another process wrote first counts as written)."""
         written = []
         for name, quant in cacheable_parts(spec).items():
             module = getattr(pipe, name, None)
             entry = None if name in skip or module is None else self._entry(spec, name, quant, dtype)
             if entry is not None and self._store(spec, name, quant, module, entry):
-                written.append(entry)
+                written.append(name)
         return written
 
     def _store(self, spec: ModelSpec, name: str, quant: str, module: Any, entry: Path) -> bool:
@@ -173,7 +174,7 @@ class QuantCache:
             files = []
         if not files:
             return None
-        versions = {lib: _version(lib) for lib in _LIBRARIES}
+        versions = _versions()
         blob = json.dumps({"format": FORMAT, "files": files, "quant": quant, "dtype": str(dtype),
                            "versions": versions}, sort_keys=True)
         key = hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -258,10 +259,15 @@ def _remove(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _version(lib: str) -> str:
+@functools.cache
+def _versions() -> dict[str, str]:
+    """The libraries the cached bytes depend on (read once: they do not change under a process)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        return version(lib)
-    except PackageNotFoundError:
-        return "-"
+    out = {}
+    for lib in _LIBRARIES:
+        try:
+            out[lib] = version(lib)
+        except PackageNotFoundError:
+            out[lib] = "-"
+    return out
